@@ -1,0 +1,1 @@
+"""Octoroute gateway: OpenAI-compatible routing front-end over specialist experts."""

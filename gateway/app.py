@@ -1,0 +1,112 @@
+"""The FastAPI application: endpoints, OpenAI-shaped errors, request ids, start-up and shutdown."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.config import GatewayConfig
+from gateway.endpoints.chat_completions import api_router as chat_api
+from gateway.endpoints.chat_completions.protocol import ChatCompletionRequest
+from gateway.endpoints.completions import api_router as completions_api
+from gateway.endpoints.completions.protocol import CompletionRequest
+from gateway.endpoints.health import api_router as health_api
+from gateway.endpoints.models import api_router as models_api
+from gateway.endpoints.route import api_router as route_api
+from gateway.endpoints.route.protocol import RouteRequest
+from gateway.errors import OpenAIError
+from gateway.experts import Expert
+from gateway.serving import error_response, new_request_id
+from gateway.state import State
+from router_model import Router
+
+log = logging.getLogger("octoroute.app")
+BODY_MODELS = (ChatCompletionRequest, CompletionRequest, RouteRequest)
+
+
+class RequestIdMiddleware:
+    """Gives every HTTP request an id (the client's ``x-request-id`` if sane) and echoes it back.
+
+    Plain ASGI rather than BaseHTTPMiddleware: no extra task per request, streaming untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+        request_id = new_request_id(incoming)
+        scope.setdefault("state", {})["request_id"] = request_id
+        raw_id = request_id.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+                message["headers"] = [*headers, (b"x-request-id", raw_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(config: GatewayConfig, router: Router | None = None,
+               experts: dict[str, Expert] | None = None) -> FastAPI:
+    """Build the gateway. ``router``/``experts`` replace the configured ones (tests, embedding)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await State.build(config, router=router, experts=experts)
+        app.state.octoroute = state
+        log.info("gateway ready", extra={"experts": list(state.experts), "router": state.router_kind,
+                                         "cache": config.cache.backend})
+        try:
+            yield
+        finally:
+            await state.aclose()
+
+    app = FastAPI(title="Octoroute", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible gateway that routes each query to a specialist model.")
+    for module in (chat_api, completions_api, models_api, route_api, health_api):
+        app.include_router(module.router)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, exc: OpenAIError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        type_ = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(OpenAIError(exc.status_code, message, type_, None, None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"request_id": getattr(request.state, "request_id", None)})
+        return error_response(OpenAIError(500, "Internal gateway error; the request id identifies it in the logs.",
+                                          "server_error", None, "internal_error"))
+
+    def _openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in BODY_MODELS:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = _openapi  # type: ignore[method-assign]
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,88 @@
+"""The ``octoroute`` command: serve, config check, experts build-demo, router train/eval."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gateway.config import DEFAULT_DEMO_DIR, ConfigError, GatewayConfig, load_config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import setup_logging
+
+    config = load_config(args.config)
+    if args.config is None:
+        from gateway.experts.demo import ensure_demo_experts
+
+        ensure_demo_experts(DEFAULT_DEMO_DIR)
+    setup_logging(config.logging.level, config.logging.json_format)
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=int(config.server.shutdown_grace_s) or None, loop="auto", http="auto")
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    config: GatewayConfig = load_config(args.file)
+    names = ", ".join(f"{e.name} ({e.backend})" for e in config.experts)
+    print(f"{args.file}: OK — experts: {names}; cache: {config.cache.backend}; router: {config.router.kind}")
+    return 0
+
+
+def _build_demo(args: argparse.Namespace) -> int:
+    from gateway.experts.demo import build_demo_experts
+
+    build_demo_experts(Path(args.out), data=Path(args.data) if args.data else None)
+    print(f"demo experts written to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["router"] and argv[1:2] in (["train"], ["eval"]):  # the router owns its own flags
+        if argv[1] == "train":
+            from router_model.train import main as train_main
+            return int(train_main(argv[2:]) or 0)
+        from router_model.eval import main as eval_main
+        return int(eval_main(argv[2:]) or 0)
+
+    parser = argparse.ArgumentParser(prog="octoroute", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway (embedded default without --config)")
+    serve.add_argument("--config", help="YAML config file (default: embedded default)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1, or server.host)")
+    serve.add_argument("--port", type=int, help="port (default 8000, or server.port)")
+    serve.set_defaults(func=_serve)
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    check = config_sub.add_parser("check", help="validate a config file (env overrides applied)")
+    check.add_argument("file")
+    check.set_defaults(func=_config_check)
+
+    experts = sub.add_parser("experts", help="expert tools")
+    experts_sub = experts.add_subparsers(dest="action", required=True)
+    demo = experts_sub.add_parser("build-demo", help="build the small demonstration experts")
+    demo.add_argument("--out", default=str(DEFAULT_DEMO_DIR))
+    demo.add_argument("--data", help="routing JSONL to train on (default: shared/data/routing/train.jsonl)")
+    demo.set_defaults(func=_build_demo)
+
+    router = sub.add_parser("router", help="router model: `octoroute router train|eval --help`")
+    router.add_argument("action", choices=["train", "eval"])
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"octoroute: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

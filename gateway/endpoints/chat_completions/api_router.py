@@ -1,0 +1,29 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gateway.endpoints.chat_completions.protocol import ChatCompletionRequest
+from gateway.endpoints.edge import openapi_body, parse, read_json
+from gateway.errors import bad_request
+from gateway.serving import Call
+from gateway.state import State
+from router_model import Message
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
+async def chat_completions(request: Request) -> Response:
+    state: State = request.app.state.octoroute
+    api_key = await state.admit(request)
+    req = parse(ChatCompletionRequest, await read_json(request, state.config.server.max_body_bytes))
+    state.check_limits(len(req.messages), req.token_budget)
+    if not any(m.role == "user" for m in req.messages):
+        raise bad_request("messages must contain at least one user message", param="messages")
+    call = Call(endpoint="chat", model=req.model, body=req.wire(),
+                messages=[Message(m.role, m.text()) for m in req.messages], stream=req.stream,
+                include_usage=req.include_usage, api_key=api_key, request_id=request.state.request_id)
+    return await state.pipeline.serve(call)

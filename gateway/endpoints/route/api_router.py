@@ -1,0 +1,36 @@
+"""POST /v1/route: the router's probability per expert, the chosen expert(s), timings."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gateway.endpoints.edge import openapi_body, parse, read_json
+from gateway.endpoints.route.protocol import RouteRequest
+from gateway.errors import bad_request
+from gateway.state import State
+from router_model import Message
+
+router = APIRouter()
+
+
+@router.post("/v1/route", openapi_extra=openapi_body(RouteRequest))
+async def route(request: Request) -> Response:
+    state: State = request.app.state.octoroute
+    await state.admit(request)
+    req = parse(RouteRequest, await read_json(request, state.config.server.max_body_bytes))
+    state.check_limits(len(req.messages), None)
+    if not any(m.role == "user" for m in req.messages):
+        raise bad_request("messages must contain at least one user message", param="messages")
+    decision = await state.routing.decide([Message(m.role, m.text()) for m in req.messages])
+    return state.json({
+        "router": state.router_kind,
+        "experts": list(decision.experts),
+        "mode": "single" if len(decision.experts) == 1 else "multi",
+        "confidence": decision.confidence,
+        "probabilities": decision.probs,
+        "label_probabilities": decision.label_probs,
+        "rewrite": decision.rewrite,
+        "policy": {"tau": state.routing.tau, "mass": state.routing.mass},
+        "timings": {"route_ms": decision.route_ms, "cached": decision.cached},
+    })

@@ -1,0 +1,389 @@
+"""The request pipeline shared by /v1/chat/completions and /v1/completions.
+
+resolve the model (route, pin) -> cache lookup -> forward to the expert (fallback when it is down)
+-> answer (JSON, or SSE passed through chunk by chunk) -> cache the complete answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from gateway.auth import key_id
+from gateway.cache import Cache, Lookup, cache_key, is_deterministic
+from gateway.config import GatewayConfig
+from gateway.errors import OpenAIError, bad_request, model_not_found, overloaded
+from gateway.experts import Endpoint, ExpertHandle, UpstreamError
+from gateway.metrics import Metrics
+from gateway.routing import Decision, RoutingService
+from router_model import Message
+
+log = logging.getLogger("octoroute.request")
+Mode = Literal["single", "pinned"]
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Call:
+    """Everything about one request that the pipeline needs, already validated."""
+
+    endpoint: Endpoint
+    model: str
+    body: dict[str, Any]  # wire JSON as the client sent it (unset fields omitted)
+    messages: list[Message]  # what routing looks at
+    stream: bool
+    include_usage: bool
+    api_key: str | None
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _json_response(content: dict[str, Any], headers: dict[str, str], status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(err: OpenAIError, headers: dict[str, str] | None = None) -> Response:
+    return _json_response(err.body(), {**(headers or {}), **err.headers}, err.status)
+
+
+class Assembler:
+    """Rebuilds the non-streaming response from streamed chunks, for the cache and for metrics."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.head: dict[str, Any] = {}
+        self.cacheable = True
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        if not self.head:
+            self.head = {k: chunk.get(k) for k in ("id", "created", "model")}
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if self.endpoint == "chat":
+                delta = choice.get("delta") or {}
+                if delta.get("tool_calls") or choice.get("logprobs"):
+                    self.cacheable = False
+                if delta.get("content"):
+                    self.parts.append(delta["content"])
+            else:
+                if choice.get("logprobs"):
+                    self.cacheable = False
+                if choice.get("text"):
+                    self.parts.append(choice["text"])
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+    def response(self) -> dict[str, Any]:
+        text = "".join(self.parts)
+        if self.endpoint == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None, "finish_reason": self.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+            obj = "text_completion"
+        return {**self.head, "object": obj, "choices": [choice], "usage": self.usage}
+
+
+def replay_stream(endpoint: Endpoint, cached: dict[str, Any], include_usage: bool) -> bytes:
+    """A cached complete answer as a proper SSE stream: content chunk, finish chunk, usage, [DONE]."""
+    choice = cached["choices"][0]
+    base = {"id": cached.get("id"), "created": cached.get("created"), "model": cached.get("model")}
+    if endpoint == "chat":
+        obj = "chat.completion.chunk"
+        message = choice.get("message") or {}
+        first = {"index": 0, "delta": {"role": "assistant", "content": message.get("content") or ""},
+                 "logprobs": None, "finish_reason": None}
+        last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": choice.get("finish_reason")}
+    else:
+        obj = "text_completion"
+        first = {"index": 0, "text": choice.get("text") or "", "logprobs": None, "finish_reason": None}
+        last = {"index": 0, "text": "", "logprobs": None, "finish_reason": choice.get("finish_reason")}
+    chunks = [{**base, "object": obj, "choices": [first]}, {**base, "object": obj, "choices": [last]}]
+    if include_usage and cached.get("usage"):
+        chunks.append({**base, "object": obj, "choices": [], "usage": cached["usage"]})
+    return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+class Pipeline:
+    def __init__(self, config: GatewayConfig, routing: RoutingService, experts: dict[str, ExpertHandle],
+                 cache: Cache, metrics: Metrics) -> None:
+        self.config = config
+        self.routing = routing
+        self.experts = experts
+        self.cache = cache
+        self.metrics = metrics
+
+    # -- model resolution -------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        return ["auto", *self.experts]
+
+    async def resolve(self, call: Call) -> tuple[ExpertHandle, Mode, Decision | None]:
+        if call.model == "auto":
+            if not call.messages:  # a token-id prompt carries no text to route on
+                name = self.config.default_expert or next(iter(self.experts))
+                return self.experts[name], "single", None
+            decision = await self.routing.decide(call.messages)
+            self.metrics.routing_seconds.observe(decision.route_ms / 1000)
+            self.metrics.router_confidence.observe(decision.confidence)
+            return self.experts[decision.experts[0]], "single", decision
+        handle = self.experts.get(call.model)
+        if handle is None:
+            raise model_not_found(call.model, self.model_names())
+        return handle, "pinned", None
+
+    # -- entry point ----------------------------------------------------------------------------
+    async def serve(self, call: Call) -> Response:
+        headers = {"x-request-id": call.request_id}
+        call.headers = headers
+        expert_label = "none"
+        status = 500
+        try:
+            handle, mode, decision = await self.resolve(call)
+            expert_label = handle.name
+            headers["x-octoroute-expert"] = handle.name
+            if decision is not None:
+                headers["x-octoroute-confidence"] = f"{decision.confidence:.4f}"
+                headers["x-octoroute-route-ms"] = f"{decision.route_ms:.3f}"
+            else:
+                headers["x-octoroute-confidence"] = "1.0000"
+                headers["x-octoroute-route-ms"] = "0.000"
+            self.metrics.route_decisions.labels(handle.name, mode).inc()
+            unsupported = sorted(f for f in handle.expert.unsupported if f in call.body)
+            if unsupported:
+                raise bad_request(f"expert {handle.name!r} ({handle.config.backend} backend) cannot honour "
+                                  f"{', '.join(unsupported)}; remove the field or pin a vllm expert",
+                                  param=unsupported[0])
+            response = await self._answer(call, handle)
+            status = response.status_code
+            return response
+        except OpenAIError as err:
+            status = err.status
+            return error_response(err, headers)
+        finally:
+            if not call.stream or status != 200:
+                self._finish(call, expert_label, status)
+
+    def _finish(self, call: Call, expert: str, status: int) -> None:
+        elapsed = time.perf_counter() - call.started
+        self.metrics.requests.labels(expert, call.model, call.endpoint, str(status)).inc()
+        self.metrics.request_seconds.labels(expert, call.endpoint).observe(elapsed)
+        log.info("request", extra={"request_id": call.request_id, "key_id": key_id(call.api_key),
+                                   "model": call.model, "expert": expert, "status": status,
+                                   "stream": call.stream, "ms": round(elapsed * 1000, 2),
+                                   "cache": call.headers.get("x-octoroute-cache")})
+
+    # -- cache ----------------------------------------------------------------------------------
+    def _cache_key(self, call: Call, expert: str) -> str | None:
+        cfg = self.config.cache
+        if cfg.backend == "none" or (cfg.deterministic_only and not is_deterministic(call.body)):
+            return None
+        namespace = "shared" if cfg.shared else key_id(call.api_key)
+        return cache_key(cfg.key_prefix, namespace, call.endpoint, expert, call.body)
+
+    async def _lookup(self, key: str | None) -> tuple[Lookup, dict[str, Any] | None]:
+        if key is None:
+            return "bypass", None
+        result, value = await self.cache.get(key)
+        self.metrics.cache.labels(result).inc()
+        return result, value
+
+    async def _store(self, key: str | None, value: dict[str, Any]) -> None:
+        if key is not None and await self.cache.set(key, value):
+            self.metrics.cache.labels("store").inc()
+
+    # -- answering ------------------------------------------------------------------------------
+    def _pick(self, handle: ExpertHandle) -> ExpertHandle:
+        """The expert that will really answer: the chosen one, or the fallback while it is open."""
+        if handle.breaker.allow():
+            return handle
+        fallback = self._fallback_for(handle)
+        if fallback is not None and fallback.breaker.allow():
+            self.metrics.fallbacks.labels(handle.name).inc()
+            return fallback
+        self.metrics.rejected.labels("breaker_open").inc()
+        raise overloaded(f"expert {handle.name!r} is unavailable (circuit open); retry shortly",
+                         retry_after_s=max(1, int(handle.config.breaker.reset_after_s)), status=503)
+
+    def _fallback_for(self, handle: ExpertHandle) -> ExpertHandle | None:
+        name = self.config.fallback_expert
+        if name is None or name == handle.name:
+            return None
+        return self.experts[name]
+
+    def _upstream_body(self, call: Call, handle: ExpertHandle) -> dict[str, Any]:
+        body = dict(call.body)
+        body["model"] = handle.config.served_model
+        if call.stream:
+            body["stream_options"] = {"include_usage": True}  # token metrics; dropped if the client didn't ask
+        return body
+
+    async def _answer(self, call: Call, chosen: ExpertHandle) -> Response:
+        key = self._cache_key(call, chosen.name)
+        lookup, cached = await self._lookup(key)
+        call.headers["x-octoroute-cache"] = lookup
+        if cached is not None:
+            if call.stream:
+                self._finish(call, chosen.name, 200)
+                # The whole SSE stream in one body: a complete, well-formed stream at the cost of one write.
+                return Response(replay_stream(call.endpoint, cached, call.include_usage),
+                                media_type="text/event-stream", headers={**call.headers, **SSE_HEADERS})
+            return _json_response(cached, call.headers)
+
+        handle = self._pick(chosen)
+        attempts = [handle]
+        fallback = self._fallback_for(handle)
+        if fallback is not None:
+            attempts.append(fallback)
+        last_error: UpstreamError | None = None
+        for i, target in enumerate(attempts):
+            if i and not target.breaker.allow():
+                break
+            if target.saturated:
+                self.metrics.rejected.labels("expert_saturated").inc()
+                raise overloaded(f"expert {target.name!r} is at its concurrency limit "
+                                 f"({target.config.max_concurrency}); retry shortly")
+            if target is not chosen:
+                call.headers["x-octoroute-expert"] = target.name
+                call.headers["x-octoroute-fallback-from"] = chosen.name
+            try:
+                if call.stream:
+                    return await self._stream(call, target, key if target is chosen else None)
+                return await self._generate(call, target, key if target is chosen else None)
+            except UpstreamError as err:
+                last_error = err
+                if err.kind == "http_4xx" or not err.before_first_byte:
+                    break
+                if i + 1 < len(attempts):
+                    self.metrics.fallbacks.labels(target.name).inc()
+                    log.warning("expert %s failed before the first byte (%s); falling back to %s",
+                                target.name, err.kind, attempts[i + 1].name,
+                                extra={"request_id": call.request_id})
+        assert last_error is not None
+        if last_error.body is not None and last_error.kind == "http_4xx":
+            inner = last_error.body.get("error")
+            err_obj: dict[str, Any] = inner if isinstance(inner, dict) else {}
+            raise OpenAIError(last_error.status, str(err_obj.get("message", last_error)),
+                              str(err_obj.get("type", "invalid_request_error")), err_obj.get("param"),
+                              err_obj.get("code"))
+        raise OpenAIError(last_error.status, str(last_error),
+                          "timeout_error" if last_error.kind == "timeout" else "server_error",
+                          None, f"upstream_{last_error.kind}")
+
+    def _record_failure(self, handle: ExpertHandle, err: UpstreamError) -> None:
+        self.metrics.upstream_errors.labels(handle.name, err.kind).inc()
+        if err.kind != "http_4xx":
+            handle.breaker.record_failure()
+        else:
+            handle.breaker.record_success()  # the expert answered; the request was bad
+
+    def _count_tokens(self, expert: str, usage: dict[str, Any] | None) -> None:
+        if usage:
+            self.metrics.tokens.labels(expert, "prompt").inc(usage.get("prompt_tokens") or 0)
+            self.metrics.tokens.labels(expert, "completion").inc(usage.get("completion_tokens") or 0)
+
+    async def _generate(self, call: Call, handle: ExpertHandle, key: str | None) -> Response:
+        handle.in_flight += 1
+        gauge = self.metrics.in_flight.labels(handle.name)
+        gauge.inc()
+        try:
+            result = await handle.expert.generate(call.endpoint, self._upstream_body(call, handle))
+        except UpstreamError as err:
+            self._record_failure(handle, err)
+            raise
+        finally:
+            handle.in_flight -= 1
+            gauge.dec()
+        handle.breaker.record_success()
+        self._count_tokens(handle.name, result.get("usage"))
+        choices = result.get("choices") or [{}]
+        if choices[0].get("finish_reason") in ("stop", "length"):
+            await self._store(key, result)
+        return _json_response(result, call.headers)
+
+    async def _stream(self, call: Call, handle: ExpertHandle, key: str | None) -> Response:
+        """Prime the upstream stream (so errors before the first byte can fall back), then pass it on."""
+        handle.in_flight += 1
+        gauge = self.metrics.in_flight.labels(handle.name)
+        gauge.inc()
+        upstream = handle.expert.stream(call.endpoint, self._upstream_body(call, handle))
+        try:
+            first = await anext(upstream)
+        except StopAsyncIteration:
+            first = None
+        except UpstreamError as err:
+            handle.in_flight -= 1
+            gauge.dec()
+            self._record_failure(handle, err)
+            raise
+        except BaseException:
+            handle.in_flight -= 1
+            gauge.dec()
+            handle.breaker.release_probe()
+            raise
+        self.metrics.ttft_seconds.labels(handle.name).observe(time.perf_counter() - call.started)
+        return StreamingResponse(self._relay(call, handle, upstream, first, key),
+                                 media_type="text/event-stream", headers={**call.headers, **SSE_HEADERS})
+
+    async def _relay(self, call: Call, handle: ExpertHandle, upstream: AsyncIterator[bytes],
+                     first: bytes | None, key: str | None) -> AsyncIterator[bytes]:
+        assembler = Assembler(call.endpoint)
+        status = 200
+        completed = False
+        try:
+            pending = first
+            while pending is not None:
+                chunk = orjson.loads(pending)
+                if "error" in chunk:  # an upstream error event: pass it on and close
+                    status = 502
+                    self.metrics.upstream_errors.labels(handle.name, "stream_error").inc()
+                    yield b"data: " + pending + b"\n\n"
+                    return
+                assembler.add(chunk)
+                if chunk.get("choices") or call.include_usage:
+                    yield b"data: " + pending + b"\n\n"
+                try:
+                    pending = await anext(upstream)
+                except StopAsyncIteration:
+                    pending = None
+            completed = True
+            handle.breaker.record_success()
+            yield b"data: [DONE]\n\n"
+        except UpstreamError as err:
+            status = err.status
+            self._record_failure(handle, err)
+            yield OpenAIError(err.status, str(err), "server_error", None, f"upstream_{err.kind}").sse_event()
+        except orjson.JSONDecodeError:
+            status = 502
+            malformed = UpstreamError("protocol", f"expert {handle.name} sent a malformed chunk", 502)
+            self._record_failure(handle, malformed)
+            yield OpenAIError(502, str(malformed), "server_error", None, "upstream_protocol").sse_event()
+        finally:
+            if not completed and status == 200:
+                status = 499  # the client went away
+                handle.breaker.release_probe()
+            await upstream.aclose()  # type: ignore[attr-defined]
+            handle.in_flight -= 1
+            self.metrics.in_flight.labels(handle.name).dec()
+            self._count_tokens(handle.name, assembler.usage)
+            self._finish(call, handle.name, status)
+        if completed and assembler.cacheable and assembler.finish_reason in ("stop", "length"):
+            await self._store(key, assembler.response())
+
+
+def new_request_id(incoming: str | None) -> str:
+    if incoming and len(incoming) <= 128 and incoming.isascii() and incoming.isprintable():
+        return incoming
+    return uuid.uuid4().hex

@@ -1,0 +1,99 @@
+"""Renders ``MODEL_CARD.md`` from the machine-readable JSON files in a checkpoint directory.
+
+``metrics.json`` (train.py), ``baselines.json`` and ``loso.json`` (baselines.py) and ``bench.json``
+(bench.py) are the source of truth; the card is regenerated whenever one of them changes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REPRODUCE = "python -m router_model.train --out router_model/checkpoint"
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _f(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def write_model_card(ckpt: Path) -> None:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    m = _load(ckpt / "metrics.json") or {}
+    dev, tr = m.get("dev", {}), m.get("train", {})
+    args = tr.get("args", {})
+    lines = [
+        "# Octoroute router — functional-token model",
+        "",
+        f"Routes a conversation to one of {len(cfg['labels'])} experts ({', '.join(cfg['labels'])}) with one forward",
+        "pass: the next-token distribution at the answer position restricted to the functional tokens",
+        f"`<nexa_0>` … `<nexa_{len(cfg['labels']) - 1}>` (Octopus v2/v4), temperature-calibrated on dev.",
+        "",
+        "## Model",
+        f"- Architecture: `{cfg['arch']}`"
+        + (f", {cfg['model']['n_layer']} causal blocks warm-started from all-MiniLM-L6-v2 "
+           f"(d={cfg['model']['d_model']}), LM head tied to the embeddings" if cfg["arch"] == "native" else
+           f", base `{cfg.get('base')}`"),
+        f"- Parameters: {tr.get('params', '?'):,}; stored fp16"
+        + (", served int8 dynamic (Linear layers)" if cfg.get("quantize") else "")
+        + f"; checkpoint {m.get('checkpoint_bytes', 0) / 1e6:.1f} MB" if tr else "",
+        f"- Prompt: prefix ids {cfg['prefix_ids']} + query (≤ {cfg['max_len']} tokens in all, latest user turn "
+        f"kept from its start, up to {cfg['max_turns']} earlier turns truncated from the left) + suffix ids "
+        f"{cfg['suffix_ids']}; target `<nexa_i><nexa_end>` or `<nexa_i>('rewrite')<nexa_end>`.",
+        f"- Calibration (dev): temperature {cfg['temperature']:.3f}, tau {cfg['tau']}, mass {cfg['mass']}.",
+        "",
+        "## Data",
+        "`shared/data/routing` (see its README: public sources relabelled into 5 classes). "
+        f"Train rows: {tr.get('rows')} {tr.get('per_label')}; dev: {dev.get('n')} (300 per label).",
+        "Dev is used for early stopping and calibration, so dev figures are slightly optimistic; the",
+        "leave-one-source-out figures below are the honest estimate for unseen query styles.",
+        "",
+        "## Reproduce",
+        f"`{REPRODUCE}` (seed {args.get('seed')}, {args.get('threads')} CPU threads, "
+        f"{tr.get('seconds')} s here); then `python -m router_model.baselines --loso` and "
+        "`python -m router_model.bench` add the comparison and latency sections.",
+        f"Training: {tr.get('steps')} steps (best at {tr.get('best_step')}), batch {args.get('batch_size')}, "
+        f"lr {args.get('lr')}, augmentation {args.get('augment')}, class-weighted loss, "
+        f"frozen word embeddings {args.get('freeze_embeddings')}.",
+        "",
+        "## Dev results (the shipped checkpoint, as served)",
+        "| accuracy | macro-F1 | ECE | correct / n | batch-1 p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+        f"| {_f(dev.get('accuracy'))} | {_f(dev.get('macro_f1'))} | {_f(dev.get('ece'))} | "
+        f"{dev.get('correct')} / {dev.get('n')} | {_f(dev.get('p50_ms'))} | {_f(dev.get('p99_ms'))} |",
+        "",
+        "| label | precision | recall | F1 |",
+        "|---|---|---|---|",
+        *[f"| {lab} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} |"
+          for lab, s in dev.get("per_label", {}).items()],
+        "",
+        "Confusion (rows gold, columns predicted): " + json.dumps(dev.get("confusion")),
+        "",
+        f"Expert sets on dev: {json.dumps(m.get('experts_on_dev'))}; NLL {_f(m.get('uncalibrated_dev_nll'))} "
+        f"→ {_f(m.get('calibrated_dev_nll'))} after temperature scaling.",
+    ]
+    base = _load(ckpt / "baselines.json")
+    if base:
+        lines += ["", "## Baselines (same data, same run)", "| model | dev macro-F1 | dev accuracy |", "|---|---|---|",
+                  *[f"| {k} | {v['macro_f1']:.4f} | {v['accuracy']:.4f} |" for k, v in base.items()]]
+    loso = _load(ckpt / "loso.json")
+    if loso:
+        lines += ["", "## Leave-one-source-out (held-out source families)", loso.get("note", ""), "",
+                  "| model | pooled macro-F1 | mean per-source accuracy | " + " | ".join(loso["sources"]) + " |",
+                  "|---|---|---|" + "---|" * len(loso["sources"])]
+        for name, r in loso["models"].items():
+            lines.append(f"| {name} | {r['pooled_macro_f1']:.4f} | {r['mean_source_accuracy']:.4f} | "
+                         + " | ".join(f"{r['per_source'][s]:.3f}" for s in loso["sources"]) + " |")
+    bench = _load(ckpt / "bench.json")
+    if bench:
+        lines += ["", "## Latency (router_model/bench.py)", "```", json.dumps(bench, indent=1), "```"]
+    abl = _load(ckpt / "ablation.json")
+    if abl:
+        lines += ["", "## Ablation", "| variant | dev macro-F1 | held-out macro-F1 | notes |", "|---|---|---|---|",
+                  *[f"| {k} | {_f(v.get('dev_macro_f1'))} | {_f(v.get('heldout_macro_f1'))} | {v.get('note', '')} |"
+                    for k, v in abl.items()]]
+    (ckpt / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,222 @@
+"""``FunctionalTokenRouter``: a checkpoint directory behind the gateway's ``Router`` protocol.
+
+A checkpoint is ``config.json`` (labels in order, functional-token ids, prompt ids, max length,
+temperature, tau, mass) plus either ``model.safetensors`` + tokenizer (the native MiniLM-warm-started
+model) or ``model/`` (any Hugging Face causal LM fine-tuned by the same recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from router_model.interface import Message, RouteResult
+from router_model.model import LM, CausalLM, HFCausalLM, ModelConfig, logits_for, quantize_int8
+
+REWRITE_OPEN, REWRITE_CLOSE = "('", "')"
+
+
+def split_conversation(messages: Sequence[Message], max_turns: int) -> tuple[str, str]:
+    """(latest user turn, up to ``max_turns`` earlier user/assistant turns as ``role: text`` lines)."""
+    turns = [m for m in messages if m.role in ("user", "assistant")]
+    last = max((i for i, m in enumerate(turns) if m.role == "user"), default=len(turns) - 1)
+    if last < 0:
+        return "", ""
+    earlier = turns[max(0, last - max_turns) : last] if max_turns > 0 else []
+    return turns[last].content, "\n".join(f"{m.role}: {m.content}" for m in earlier)
+
+
+@dataclass
+class Codec:
+    """Turns queries into prompt ids and labels into target ids, identically in training and routing.
+
+    Prompt: ``prefix + context + query + suffix``. The latest query is kept from its start (questions
+    usually come before pasted context); earlier turns fill what is left, truncated from the left so
+    the turns nearest the query survive.
+    """
+
+    tokenizer: Any
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    fn_ids: list[int]
+    end_id: int
+    pad_id: int
+    max_len: int
+
+    def prompts(self, queries: Sequence[str], contexts: Sequence[str] | None = None) -> list[list[int]]:
+        budget = self.max_len - len(self.prefix_ids) - len(self.suffix_ids)
+        qs = self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]
+        cs: list[list[int]] = [[] for _ in queries]
+        if contexts is not None and any(contexts):
+            cs = self.tokenizer([c or "" for c in contexts], add_special_tokens=False)["input_ids"]
+        out = []
+        for q, c in zip(qs, cs, strict=True):
+            q = q[:budget]
+            room = budget - len(q)
+            c = c[len(c) - room :] if room > 0 and c else []
+            out.append(self.prefix_ids + c + q + self.suffix_ids)
+        return out
+
+    def target(self, label_idx: int, rewrite: str | None = None) -> list[int]:
+        """``<nexa_i><nexa_end>``, or Octopus v4's ``<nexa_i>('rewrite')<nexa_end>``."""
+        body: list[int] = []
+        if rewrite is not None:
+            text = f"{REWRITE_OPEN}{rewrite}{REWRITE_CLOSE}"
+            body = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [self.fn_ids[label_idx], *body, self.end_id]
+
+    def pad(self, seqs: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad to a (B, T) tensor; also returns the attention mask."""
+        t = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), t), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return ids, mask
+
+
+def codec_from_config(tokenizer: Any, cfg: dict[str, Any]) -> Codec:
+    tokenizer.model_max_length = 1 << 30  # we truncate ourselves; silences the long-input warning
+    return Codec(
+        tokenizer=tokenizer,
+        prefix_ids=list(cfg["prefix_ids"]),
+        suffix_ids=list(cfg["suffix_ids"]),
+        fn_ids=list(cfg["functional_token_ids"]),
+        end_id=int(cfg["end_token_id"]),
+        pad_id=int(cfg["pad_id"]),
+        max_len=int(cfg["max_len"]),
+    )
+
+
+class FunctionalTokenRouter:
+    """Routes with one forward pass; probabilities are temperature-calibrated on dev.
+
+    Thread-safe: a lock serialises the forward pass (torch's own intra-op threads do the parallel work),
+    and the thread count is set on every call, so another library changing it cannot slow us silently.
+    """
+
+    def __init__(self, lm: LM, codec: Codec, cfg: dict[str, Any], threads: int = 1) -> None:
+        self.lm = lm
+        self.codec = codec
+        self.config = cfg
+        self.labels: tuple[str, ...] = tuple(cfg["labels"])
+        self.temperature = float(cfg.get("temperature", 1.0))
+        self.tau = float(cfg.get("tau", 0.5))
+        self.mass = float(cfg.get("mass", 0.9))
+        self.max_turns = int(cfg.get("max_turns", 2))
+        self.rewrite = bool(cfg.get("rewrite", False))
+        self.threads = threads
+        self._fn = torch.tensor(codec.fn_ids)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int = 1, quantize: bool | None = None) -> FunctionalTokenRouter:
+        """Load a checkpoint directory; int8 dynamic quantisation follows the checkpoint unless overridden."""
+        path = Path(path)
+        cfg = json.loads((path / "config.json").read_text())
+        torch.set_num_threads(threads)
+        lm: Any
+        if cfg["arch"] == "native":
+            tok = AutoTokenizer.from_pretrained(str(path))
+            lm = CausalLM(ModelConfig(**cfg["model"]))
+            state = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
+            lm.load_state_dict(state)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path / "model"))
+            lm = HFCausalLM(AutoModelForCausalLM.from_pretrained(str(path / "model"), dtype=torch.float32))
+        lm.eval()
+        if cfg.get("quantize", False) if quantize is None else quantize:
+            lm = quantize_int8(lm)
+        return cls(lm, codec_from_config(tok, cfg), cfg, threads)
+
+    def _encode(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
+        parts = [split_conversation(c, self.max_turns) for c in conversations]
+        return self.codec.prompts([q for q, _ in parts], [c for _, c in parts])
+
+    @torch.inference_mode()
+    def _answer_logits(self, prompts: Sequence[list[int]], chunk: int = 64) -> torch.Tensor:
+        """Raw functional-token logits (N, K). Length-sorted chunks keep padding small."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = torch.empty(len(prompts), len(self.labels))
+        for s in range(0, len(order), chunk):
+            idx = order[s : s + chunk]
+            ids, mask = self.codec.pad([prompts[i] for i in idx])
+            h = self.lm.hidden(ids, mask)
+            last = h[torch.arange(len(idx)), mask.sum(1) - 1]
+            out[idx] = logits_for(self.lm, last, self._fn).float()
+        return out
+
+    def logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """Uncalibrated logits for single-turn queries (what temperature fitting needs)."""
+        with self._lock:
+            torch.set_num_threads(self.threads)
+            return self._answer_logits(self.codec.prompts(list(texts)))
+
+    def route_batch(self, conversations: Sequence[Sequence[Message]]) -> list[RouteResult]:
+        if not conversations:
+            return []
+        prompts = self._encode(conversations)
+        with self._lock:
+            torch.set_num_threads(self.threads)
+            t0 = time.perf_counter()
+            logits = self._answer_logits(prompts)
+            ms = (time.perf_counter() - t0) * 1000 / len(prompts)
+            probs = torch.softmax(logits / self.temperature, dim=-1).tolist()
+            rewrites = [self._rewrite(p, max(range(len(pr)), key=pr.__getitem__)) for p, pr in
+                        zip(prompts, probs, strict=True)] if self.rewrite else [None] * len(prompts)
+        return [
+            RouteResult(probs=dict(zip(self.labels, pr, strict=True)), rewrite=rw, extras={"forward_ms": ms})
+            for pr, rw in zip(probs, rewrites, strict=True)
+        ]
+
+    def route(self, messages: Sequence[Message]) -> RouteResult:
+        return self.route_batch([messages])[0]
+
+    @torch.inference_mode()
+    def _rewrite(self, prompt: list[int], label_idx: int, max_new: int = 64) -> str | None:
+        """Greedy-decode Octopus v4's ``('…')`` after the chosen functional token, up to ``<nexa_end>``."""
+        seq = [*prompt, self.codec.fn_ids[label_idx]]
+        new: list[int] = []
+        for _ in range(max_new):
+            h = self.lm.hidden(torch.tensor([seq]))
+            nxt = int(logits_for(self.lm, h[0, -1]).argmax())
+            if nxt == self.codec.end_id:
+                break
+            new.append(nxt)
+            seq.append(nxt)
+        return parse_rewrite(self.codec.tokenizer.decode(new, skip_special_tokens=True))
+
+
+def parse_rewrite(text: str) -> str | None:
+    """The text between ``('`` and ``')``; tolerant of the spaces a word-piece decoder inserts."""
+    t = text.strip().replace("( '", "('").replace("' )", "')")
+    if t.startswith(REWRITE_OPEN) and t.endswith(REWRITE_CLOSE) and len(t) >= 4:
+        return t[2:-2].strip()
+    return t or None
+
+
+def softmax_rows(logits: torch.Tensor, temperature: float) -> list[list[float]]:
+    return torch.softmax(logits / temperature, dim=-1).tolist()
+
+
+def nll(logits: torch.Tensor, y: torch.Tensor, temperature: float) -> float:
+    return float(torch.nn.functional.cross_entropy(logits / temperature, y))
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Temperature minimising dev NLL (Guo et al., 2017): a log-spaced grid, then a finer one."""
+    grid = [math.exp(x / 20) for x in range(-40, 61)]
+    best = min(grid, key=lambda t: nll(logits, y, t))
+    fine = [best * math.exp(x / 400) for x in range(-20, 21)]
+    return min(fine, key=lambda t: nll(logits, y, t))

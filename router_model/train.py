@@ -1,0 +1,379 @@
+"""Train the functional-token router (Octopus v2/v4 recipe) and write a self-describing checkpoint.
+
+``python -m router_model.train --out router_model/checkpoint`` reproduces the shipped checkpoint from
+``shared/data/routing``. Labels come from the data (a sixth expert is new rows + a retrain), one
+functional token per label plus ``<nexa_end>``; the loss is on the target tokens only. ``--base PATH``
+applies the same recipe to any local Hugging Face causal LM (tokens added, embeddings resized).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from router_model.card import write_model_card
+from router_model.eval import classification, evaluate, read_jsonl
+from router_model.interface import select_experts
+from router_model.model import (
+    END_TOKEN,
+    FUNCTIONAL_TOKEN,
+    HFCausalLM,
+    init_rows,
+    load_minilm,
+    logits_for,
+    minilm_path,
+    param_count,
+)
+from router_model.router import Codec, FunctionalTokenRouter, codec_from_config, fit_temperature
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/routing"
+
+# Label-neutral chat phrasings: real users wrap questions like this, the training sources rarely do.
+WRAPPERS = (
+    "Can you help me with this? {q}", "{q} Please explain.", "Quick question: {q}", "hi! {q}",
+    "I need some help. {q}", "{q}\nThanks in advance!", "Question: {q}\nAnswer:", "Please answer this: {q}",
+    "{q} Be concise.", "Someone asked me this and I'm not sure: {q}", "{q} Explain step by step.",
+    "hey, quick one - {q}", "I have a question. {q}", "{q} What do you think?",
+)
+OPTIONS = re.compile(r"\n\s*(?:A\.|\(A\)|A\)).*", re.DOTALL)
+
+
+def augment(text: str, rng: random.Random) -> str:
+    """Format noise so the router learns the domain, not the source's format (see data README caveats)."""
+    if rng.random() < 0.5:
+        text = OPTIONS.sub("", text).strip() or text  # MMLU/AGIEval answer options
+    if "\n\n" in text and rng.random() < 0.3:
+        text = text.split("\n\n")[0]  # drop the pasted context: schema, table, options, input
+    words = text.split(" ")
+    if len(words) > 8 and rng.random() < 0.15:
+        text = " ".join(words[: max(5, int(len(words) * rng.uniform(0.4, 0.9)))])
+    if rng.random() < 0.1:
+        text = text.rstrip("?.! ")
+    if rng.random() < 0.1:
+        text = " ".join(text.split())
+    if rng.random() < 0.3:
+        text = rng.choice(WRAPPERS).format(q=text)
+    r = rng.random()
+    return text.lower() if r < 0.1 else text.upper() if r < 0.13 else text
+
+
+def build_lm(args: argparse.Namespace, labels: list[str]) -> tuple[Any, Any, dict[str, Any]]:
+    """The model, its tokenizer with functional tokens added, and the checkpoint config fields they fix."""
+    new_tokens = [FUNCTIONAL_TOKEN.format(i) for i in range(len(labels))] + [END_TOKEN]
+    names = [*labels, "end"]
+    if args.base is None:
+        tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+        n_orig = len(tok)
+        tok.add_tokens(new_tokens, special_tokens=True)
+        from safetensors import safe_open
+
+        with safe_open(str(minilm_path() / "model.safetensors"), "pt") as f:
+            emb = f.get_tensor("embeddings.word_embeddings.weight")
+        pieces = [tok(n, add_special_tokens=False)["input_ids"] for n in names]
+        lm = load_minilm(args.layers, init_rows(emb, pieces), dropout=args.dropout)
+        fields = {"arch": "native", "model": lm.cfg.to_dict(), "prefix_ids": [tok.cls_token_id],
+                  "suffix_ids": [tok.sep_token_id], "pad_id": tok.pad_token_id, "n_orig_vocab": n_orig}
+    else:
+        tok = AutoTokenizer.from_pretrained(args.base)
+        hf = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+        n_orig = len(tok)
+        tok.add_tokens(new_tokens, special_tokens=True)
+        hf.resize_token_embeddings(len(tok))
+        pieces = [tok(n, add_special_tokens=False)["input_ids"] for n in names]
+        with torch.no_grad():
+            emb = hf.get_input_embeddings().weight
+            emb[n_orig:] = init_rows(emb[:n_orig], pieces)
+            out = hf.get_output_embeddings()
+            if out is not None and out.weight.data_ptr() != emb.data_ptr():
+                out.weight[n_orig:] = init_rows(out.weight[:n_orig], pieces)
+        lm = HFCausalLM(hf)
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        fields = {"arch": "hf", "base": str(args.base),
+                  "prefix_ids": bos + tok("Query: ", add_special_tokens=False)["input_ids"],
+                  "suffix_ids": tok("\nResponse:", add_special_tokens=False)["input_ids"],
+                  "pad_id": pad, "n_orig_vocab": n_orig}
+    fields["functional_token_ids"] = tok.convert_tokens_to_ids(new_tokens[:-1])
+    fields["end_token_id"] = tok.convert_tokens_to_ids(END_TOKEN)
+    return lm, tok, fields
+
+
+def batches(lengths: Sequence[int], size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar length (less padding, same expected gradient)."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    out: list[list[int]] = []
+    for s in range(0, len(idx), size * 50):
+        pool = sorted(idx[s : s + size * 50], key=lengths.__getitem__)
+        out += [pool[i : i + size] for i in range(0, len(pool), size)]
+    rng.shuffle(out)
+    return out
+
+
+def make_examples(rows: Sequence[dict[str, Any]], codec: Codec, label_idx: dict[str, int],
+                  rng: random.Random | None, mix: float = 0.1) -> list[tuple[list[int], int]]:
+    """(prompt + target ids, prompt length) per row; with ``rng``, augmented and sometimes mixed.
+
+    Mixing puts another row's query before this one as an earlier turn, so the router learns that
+    the latest user turn decides.
+    """
+    texts = [augment(r["text"], rng) if rng else r["text"] for r in rows]
+    contexts = [""] * len(rows)
+    if rng:
+        for i in range(len(rows)):
+            if rng.random() < mix:
+                contexts[i] = f"user: {rng.choice(rows)['text'][:300]}\nassistant: Sure."
+    prompts = codec.prompts(texts, contexts)
+    return [(p + codec.target(label_idx[r["label"]], r.get("rewrite")), len(p))
+            for p, r in zip(prompts, rows, strict=True)]
+
+
+def step_loss(lm: Any, codec: Codec, batch: list[tuple[list[int], int]], weights: torch.Tensor) -> torch.Tensor:
+    """Class-weighted cross-entropy over the full vocabulary, on target tokens only."""
+    ids, mask = codec.pad([s for s, _ in batch])
+    h = lm.hidden(ids, mask)
+    rows, cols, tgt, w = [], [], [], []
+    for b, (seq, n_prompt) in enumerate(batch):
+        for t in range(n_prompt - 1, len(seq) - 1):
+            rows.append(b)
+            cols.append(t)
+            tgt.append(seq[t + 1])
+            w.append(float(weights[b]))
+    logits = logits_for(lm, h[rows, cols])
+    ce = nn.functional.cross_entropy(logits.float(), torch.tensor(tgt), reduction="none")
+    wt = torch.tensor(w)
+    return (ce * wt).sum() / wt.sum()
+
+
+def stratified(rows: Sequence[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    """About ``n`` rows with every label equally represented: cheap, unbiased early-stopping checks."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["label"], []).append(r)
+    rng = random.Random(seed)
+    k = max(1, n // max(1, len(by)))
+    return [r for lab in sorted(by) for r in rng.sample(by[lab], min(k, len(by[lab])))]
+
+
+def macro_f1(router: FunctionalTokenRouter, rows: Sequence[dict[str, Any]]) -> float:
+    pred = router.logits([r["text"] for r in rows]).argmax(-1).tolist()
+    return float(classification([r["label"] for r in rows], [router.labels[p] for p in pred],
+                                router.labels)["macro_f1"])
+
+
+def calibrate_thresholds(probs: list[dict[str, float]], gold: Sequence[str], precision: float = 0.99,
+                         coverage: float = 0.995) -> tuple[float, float]:
+    """tau: the lowest top-probability whose single-expert decisions are ``precision`` right on dev;
+    mass: the lowest cumulative mass whose expert sets contain the gold label ``coverage`` of the time."""
+    grid = [round(0.5 + i / 100, 2) for i in range(50)]
+    tau = grid[-1]
+    for t in grid:
+        single = [max(p, key=p.__getitem__) == g for p, g in zip(probs, gold, strict=True) if max(p.values()) >= t]
+        if single and sum(single) / len(single) >= precision:
+            tau = t
+            break
+    mass = 0.999
+    for m in [round(0.5 + i / 100, 2) for i in range(50)]:
+        hits = [g in select_experts(p, tau, m) for p, g in zip(probs, gold, strict=True)]
+        if sum(hits) / len(hits) >= coverage:
+            mass = m
+            break
+    return tau, mass
+
+
+def expert_counts(probs: list[dict[str, float]], gold: Sequence[str], tau: float, mass: float) -> dict[str, float]:
+    sets = [select_experts(p, tau, mass) for p in probs]
+    n = len(sets)
+    return {
+        "single": sum(len(s) == 1 for s in sets) / n,
+        "multi": sum(len(s) > 1 for s in sets) / n,
+        "mean_experts": sum(map(len, sets)) / n,
+        "set_contains_gold": sum(g in s for s, g in zip(sets, gold, strict=True)) / n,
+    }
+
+
+def save_checkpoint(out: Path, lm: Any, tok: Any, cfg: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg["arch"] == "native":
+        # fp16 storage halves the file; routing runs fp32 or int8 after loading.
+        save_file({k: v.detach().half().contiguous() for k, v in lm.state_dict().items()},
+                  str(out / "model.safetensors"))
+        tok.save_pretrained(str(out))
+    else:
+        lm.lm.save_pretrained(str(out / "model"))
+        tok.save_pretrained(str(out / "model"))
+    (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, early-stop on dev macro-F1, save, then calibrate temperature/tau/mass on the saved model."""
+    t_start = time.time()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    train_rows = read_jsonl(args.train or data / "train.jsonl")
+    dev_rows = read_jsonl(args.dev or data / "dev.jsonl")
+    if args.exclude_sources:
+        drop = set(args.exclude_sources)
+        train_rows = [r for r in train_rows if r.get("source", "").split("/")[0] not in drop]
+        dev_rows = [r for r in dev_rows if r.get("source", "").split("/")[0] not in drop]
+    if args.limit:
+        train_rows = random.Random(args.seed).sample(train_rows, min(args.limit, len(train_rows)))
+    labels = sorted({r["label"] for r in train_rows})
+    label_idx = {lab: i for i, lab in enumerate(labels)}
+    counts = Counter(r["label"] for r in train_rows)
+    class_w = {lab: len(train_rows) / (len(labels) * counts[lab]) for lab in labels}
+
+    lm, tok, fields = build_lm(args, labels)
+    cfg: dict[str, Any] = {
+        **fields, "labels": labels, "max_len": args.max_len, "max_turns": args.max_turns,
+        "rewrite": any("rewrite" in r for r in train_rows), "quantize": args.quantize and fields["arch"] == "native",
+        "temperature": 1.0, "tau": 0.5, "mass": 0.9,
+    }
+    codec = codec_from_config(tok, cfg)
+    if args.freeze_embeddings and cfg["arch"] == "native":
+        # Pretrained word vectors stay put (unseen domains keep their meaning); only the new rows learn,
+        # through the tied head. Frozen lower blocks also skip their backward pass: ~1/3 less compute.
+        n_orig = cfg["n_orig_vocab"]
+        lm.wte.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:n_orig]), g[n_orig:]]))
+        lm.freeze_input = True
+        for mod in [lm.wpe, lm.ln_emb, *lm.blocks[: args.freeze_blocks]]:
+            mod.requires_grad_(False)
+    params = [(n, p) for n, p in lm.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and "wte" not in n and "embed" not in n]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "wte" not in n and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=args.lr)
+    rng = random.Random(args.seed)
+    steps_per_epoch = -(-len(train_rows) // args.batch_size)
+    total = min(args.max_steps or 10**9, steps_per_epoch * args.epochs)
+    warmup = min(100, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / (warmup + 1)) * max(0.0, (total - s) / max(1, total - warmup)))
+    eval_every = args.eval_every or max(1, steps_per_epoch // 2)
+    es_rows = stratified(dev_rows, args.es_dev, args.seed) if args.es_dev else dev_rows
+    dev_router = FunctionalTokenRouter(lm, codec, cfg, threads=args.threads)
+    best = (-1.0, 0)
+    best_state: dict[str, torch.Tensor] = {}
+    history: list[dict[str, float]] = []
+    bad, step = 0, 0
+    bar = tqdm(total=total, desc="train", unit="step", disable=args.quiet)
+    lm.train()
+    while step < total and bad < args.patience:
+        examples = make_examples(train_rows, codec, label_idx, rng if args.augment else None, args.mix)
+        for b in batches([len(s) for s, _ in examples], args.batch_size, rng):
+            batch = [examples[i] for i in b]
+            w = torch.tensor([class_w[train_rows[i]["label"]] for i in b])
+            loss = step_loss(lm, codec, batch, w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % eval_every == 0 or step == total:
+                lm.eval()
+                f1 = macro_f1(dev_router, es_rows)
+                lm.train()
+                history.append({"step": step, "dev_macro_f1": f1, "loss": loss.item()})
+                bar.write(f"step {step}: dev macro-F1 {f1:.4f}")
+                if f1 > best[0]:
+                    best, bad = (f1, step), 0
+                    best_state = copy.deepcopy(lm.state_dict())
+                else:
+                    bad += 1
+            if step >= total or bad >= args.patience:
+                break
+    bar.close()
+    lm.load_state_dict(best_state)
+    lm.eval()
+    out = Path(args.out)
+    save_checkpoint(out, lm, tok, cfg)
+
+    # Calibrate on the model exactly as it will be served (fp16 weights, int8 if configured).
+    router = FunctionalTokenRouter.load(out, threads=args.threads)
+    logits = router.logits([r["text"] for r in dev_rows])
+    gold_idx = torch.tensor([label_idx[r["label"]] for r in dev_rows])
+    cfg["temperature"] = fit_temperature(logits, gold_idx)
+    probs = [dict(zip(labels, p, strict=True)) for p in torch.softmax(logits / cfg["temperature"], -1).tolist()]
+    gold = [r["label"] for r in dev_rows]
+    cfg["tau"], cfg["mass"] = calibrate_thresholds(probs, gold)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+
+    router = FunctionalTokenRouter.load(out, threads=1)
+    dev = evaluate(router, dev_rows, latency_n=args.latency_n)
+    metrics = {
+        "dev": dev,
+        "experts_on_dev": expert_counts(probs, gold, cfg["tau"], cfg["mass"]),
+        "uncalibrated_dev_nll": float(nn.functional.cross_entropy(logits, gold_idx)),
+        "calibrated_dev_nll": float(nn.functional.cross_entropy(logits / cfg["temperature"], gold_idx)),
+        "train": {"rows": len(train_rows), "per_label": dict(counts), "steps": step, "best_step": best[1],
+                  "best_dev_macro_f1_fp32": best[0], "history": history, "seconds": round(time.time() - t_start),
+                  "params": param_count(lm), "args": {k: v for k, v in vars(args).items() if k != "func"}},
+        "checkpoint_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_model_card(out)
+    return metrics
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="octoroute router train", description=__doc__)
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train.jsonl and dev.jsonl")
+    ap.add_argument("--train", help="training JSONL (default DATA/train.jsonl)")
+    ap.add_argument("--dev", help="dev JSONL for early stopping and calibration (default DATA/dev.jsonl)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "checkpoint"))
+    ap.add_argument("--base", help="local Hugging Face causal LM folder; default: MiniLM warm start")
+    ap.add_argument("--layers", type=int, default=4, help="MiniLM blocks kept (native model)")
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--max-turns", type=int, default=2, help="earlier turns kept before the latest user turn")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--patience", type=int, default=2, help="evaluations without dev gain before stopping")
+    ap.add_argument("--eval-every", type=int, default=0, help="steps between dev checks (default half an epoch)")
+    ap.add_argument("--mix", type=float, default=0.1, help="share of rows given an unrelated earlier turn")
+    ap.add_argument("--no-augment", dest="augment", action="store_false")
+    ap.add_argument("--no-freeze-embeddings", dest="freeze_embeddings", action="store_false")
+    ap.add_argument("--freeze-blocks", type=int, default=2, help="lowest blocks kept frozen (with the embeddings)")
+    ap.add_argument("--es-dev", type=int, default=600, help="dev rows (stratified) checked for early stopping")
+    ap.add_argument("--no-quantize", dest="quantize", action="store_false")
+    ap.add_argument("--exclude-sources", nargs="*", default=[], help="source families left out (LOSO)")
+    ap.add_argument("--limit", type=int, default=0, help="random subset of training rows (smoke tests)")
+    ap.add_argument("--latency-n", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    m = train(parser().parse_args(argv))
+    d = m["dev"]
+    print(json.dumps({k: d[k] for k in ("accuracy", "macro_f1", "ece", "p50_ms", "p99_ms", "n") if k in d}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

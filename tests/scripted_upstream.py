@@ -1,0 +1,162 @@
+"""A small scripted OpenAI-compatible server, for tests that need an upstream to misbehave on cue.
+
+Run: ``python -m tests.scripted_upstream --port 9001 --name math``. It answers
+``/v1/chat/completions`` and ``/v1/completions`` (stream or not) with ``"<name>: <last user text>"``
+split into word chunks, ``/v1/models``, and two test endpoints:
+
+- ``POST /_control`` ``{"mode": ..., ...}`` sets the behaviour of the following requests:
+  ``ok`` | ``fail`` (HTTP ``status``, default 500) | ``slow_first`` (sleep ``delay_s`` before headers)
+  | ``slow_chunks`` (sleep ``delay_s`` between chunks) | ``die_after`` (drop the connection after
+  ``chunks`` chunks); ``fail_times`` limits ``fail`` to the next N requests.
+- ``GET /_stats``: counts of requests, completed streams, and streams the client cancelled.
+
+Raw ASGI, no framework: it doubles as the fast upstream of the gateway benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+JSONH = [(b"content-type", b"application/json")]
+SSEH = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class Scripted:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.control: dict[str, Any] = {"mode": "ok"}
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "failed": 0}
+        self.last_body: dict[str, Any] = {}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path, method = scope["path"], scope["method"]
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        if path == "/_control" and method == "POST":
+            self.control = orjson.loads(body)
+            return await self._json(send, {"ok": True})
+        if path == "/_stats":
+            return await self._json(send, {**self.stats, "last_body": self.last_body})
+        if path in ("/v1/models", "/health"):
+            return await self._json(send, {"object": "list", "data": [{"id": self.name, "object": "model"}]})
+        if path not in ("/v1/chat/completions", "/v1/completions") or method != "POST":
+            return await self._json(send, {"error": {"message": "not found"}}, 404)
+        self.stats["requests"] += 1
+        req = orjson.loads(body)
+        self.last_body = req
+        await self._complete(path.endswith("chat/completions"), req, receive, send)
+
+    async def _json(self, send: Any, obj: Any, status: int = 200) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": JSONH})
+        await send({"type": "http.response.body", "body": orjson.dumps(obj)})
+
+    def _words(self, chat: bool, req: dict[str, Any]) -> list[str]:
+        if chat:
+            text = next((m.get("content") or "" for m in reversed(req["messages"]) if m["role"] == "user"), "")
+        else:
+            text = req["prompt"] if isinstance(req["prompt"], str) else "tokens"
+        words = f"{self.name}: {text}".split(" ")
+        limit = req.get("max_tokens") or 10_000
+        return [w if i == 0 else " " + w for i, w in enumerate(words)][:limit]
+
+    async def _complete(self, chat: bool, req: dict[str, Any], receive: Any, send: Any) -> None:
+        mode = self.control.get("mode", "ok")
+        if mode == "fail":
+            times = self.control.get("fail_times")
+            if times is None or times > 0:
+                if times is not None:
+                    self.control["fail_times"] = times - 1
+                self.stats["failed"] += 1
+                status = int(self.control.get("status", 500))
+                return await self._json(send, {"error": {"message": f"scripted {status}", "type": "server_error",
+                                                         "param": None, "code": None}}, status)
+        if mode == "slow_first":
+            await asyncio.sleep(float(self.control.get("delay_s", 5)))
+        words = self._words(chat, req)
+        finish = "length" if req.get("max_tokens") and len(words) >= req["max_tokens"] else "stop"
+        usage = {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}
+        rid, created = f"cmpl-{self.stats['requests']}", int(time.time())
+        if not req.get("stream"):
+            if chat:
+                choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": "".join(words)},
+                                          "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": "".join(words), "logprobs": None, "finish_reason": finish}
+            self.stats["completed"] += 1
+            return await self._json(send, {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                           "created": created, "model": self.name, "choices": [choice],
+                                           "usage": usage})
+        await send({"type": "http.response.start", "status": 200, "headers": SSEH})
+        disconnected = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+
+        watcher = asyncio.create_task(watch())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        try:
+            for i, word in enumerate(words):
+                if disconnected.is_set():
+                    self.stats["cancelled"] += 1
+                    return
+                if mode == "die_after" and i >= int(self.control.get("chunks", 1)):
+                    raise ConnectionAbortedError("scripted death mid-stream")
+                if chat:
+                    delta: dict[str, Any] = {"content": word}
+                    if i == 0:
+                        delta["role"] = "assistant"
+                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+                else:
+                    choice = {"index": 0, "text": word, "logprobs": None, "finish_reason": None}
+                chunk = {"id": rid, "object": obj, "created": created, "model": self.name, "choices": [choice]}
+                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
+                            "more_body": True})
+                if mode == "slow_chunks":
+                    try:
+                        await asyncio.wait_for(disconnected.wait(), float(self.control.get("delay_s", 1)))
+                    except TimeoutError:
+                        pass
+            last = {"index": 0, "delta": {}, "finish_reason": finish} if chat else {
+                "index": 0, "text": "", "finish_reason": finish}
+            tail = [{"id": rid, "object": obj, "created": created, "model": self.name, "choices": [last]}]
+            if (req.get("stream_options") or {}).get("include_usage"):
+                tail.append({"id": rid, "object": obj, "created": created, "model": self.name, "choices": [],
+                             "usage": usage})
+            payload = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in tail) + b"data: [DONE]\n\n"
+            await send({"type": "http.response.body", "body": payload, "more_body": False})
+            self.stats["completed"] += 1
+        finally:
+            watcher.cancel()
+
+
+def main() -> None:
+    import uvicorn
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--name", default="scripted")
+    args = ap.parse_args()
+    uvicorn.run(Scripted(args.name), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

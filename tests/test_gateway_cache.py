@@ -1,0 +1,157 @@
+"""Response cache: memory and the machine's real Redis, streaming replay, namespaces, outages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from gateway.cache import cache_key
+from router_model import KeywordRouter
+from tests.conftest import REDIS_URL
+from tests.harness import Upstream, free_port, run_gateway, scripted_upstream, vllm_expert_config
+
+MSG = [{"role": "user", "content": "name three colours"}]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    with scripted_upstream("general") as up:
+        yield up
+
+
+def _config(up: Upstream, cache: dict[str, Any], auth: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"experts": [vllm_expert_config("general", up)], "cache": cache, "auth": auth or {"api_keys_env": None}}
+
+
+def _chat(url: str, stream: bool = False, key: str | None = None, **extra: Any) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    body = {"model": "auto", "messages": MSG, "temperature": 0, "stream": stream, **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=10)
+
+
+def _sse_text(r: httpx.Response) -> tuple[str, list[str]]:
+    lines = [line for line in r.text.split("\n") if line.startswith("data: ")]
+    import orjson
+
+    text = ""
+    for line in lines[:-1]:
+        chunk = orjson.loads(line[6:])
+        for c in chunk["choices"]:
+            text += c["delta"].get("content") or ""
+    return text, lines
+
+
+@pytest.fixture(params=["memory", "redis"])
+def cache_cfg(request: pytest.FixtureRequest, redis_prefix: str) -> dict[str, Any]:
+    return {"backend": request.param, "url": REDIS_URL, "key_prefix": redis_prefix}
+
+
+def test_hit_after_miss(upstream: Upstream, cache_cfg: dict[str, Any]) -> None:
+    with run_gateway(_config(upstream, cache_cfg), router=KeywordRouter(["general"])) as url:
+        before = upstream.stats()["requests"]
+        first = _chat(url)
+        second = _chat(url)
+        assert first.headers["x-octoroute-cache"] == "miss"
+        assert second.headers["x-octoroute-cache"] == "hit"
+        assert first.json() == second.json()
+        assert upstream.stats()["requests"] == before + 1
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'octoroute_cache_total{result="hit"} 1.0' in metrics
+
+
+def test_streaming_hit_is_a_proper_sse_stream(upstream: Upstream, cache_cfg: dict[str, Any]) -> None:
+    with run_gateway(_config(upstream, cache_cfg), router=KeywordRouter(["general"])) as url:
+        miss = _chat(url, stream=True, stream_options={"include_usage": True})
+        assert miss.headers["x-octoroute-cache"] == "miss"
+        text_miss, _ = _sse_text(miss)
+        hit = _chat(url, stream=True, stream_options={"include_usage": True})
+        assert hit.headers["x-octoroute-cache"] == "hit"
+        assert hit.headers["content-type"].startswith("text/event-stream")
+        text_hit, lines = _sse_text(hit)
+        assert text_hit == text_miss == "general: name three colours"
+        assert lines[-1] == "data: [DONE]"
+        assert '"usage"' in lines[-2]
+        # the streamed answer also serves a non-streaming request
+        plain = _chat(url)
+        assert plain.headers["x-octoroute-cache"] == "hit"
+        assert plain.json()["choices"][0]["message"]["content"] == text_miss
+
+
+def test_sampling_requests_bypass(upstream: Upstream, cache_cfg: dict[str, Any]) -> None:
+    with run_gateway(_config(upstream, cache_cfg), router=KeywordRouter(["general"])) as url:
+        r1 = _chat(url, temperature=0.8)
+        r2 = _chat(url, temperature=0.8)
+        assert r1.headers["x-octoroute-cache"] == r2.headers["x-octoroute-cache"] == "bypass"
+        seeded = [_chat(url, temperature=0.8, seed=3).headers["x-octoroute-cache"] for _ in range(2)]
+        assert seeded == ["miss", "hit"]
+
+
+def test_partial_stream_is_not_cached(upstream: Upstream, redis_prefix: str) -> None:
+    cfg = {"backend": "redis", "url": REDIS_URL, "key_prefix": redis_prefix}
+    with run_gateway(_config(upstream, cfg), router=KeywordRouter(["general"])) as url:
+        upstream.control("die_after", chunks=2)
+        try:
+            r = _chat(url, stream=True)
+        finally:
+            upstream.control("ok")
+        assert '"error"' in r.text and "[DONE]" not in r.text
+        assert list(redis.Redis.from_url(REDIS_URL).scan_iter(f"{redis_prefix}:*")) == []
+        assert _chat(url).headers["x-octoroute-cache"] == "miss"
+
+
+def test_namespaces_per_api_key(upstream: Upstream, redis_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_KEYS", "key-a,key-b")
+    cfg = {"backend": "redis", "url": REDIS_URL, "key_prefix": redis_prefix}
+    with run_gateway(_config(upstream, cfg, {"api_keys_env": "TEST_KEYS"}), router=KeywordRouter(["general"])) as url:
+        assert _chat(url, key="key-a").headers["x-octoroute-cache"] == "miss"
+        assert _chat(url, key="key-a").headers["x-octoroute-cache"] == "hit"
+        assert _chat(url, key="key-b").headers["x-octoroute-cache"] == "miss"
+
+
+def test_shared_cache_crosses_keys(upstream: Upstream, redis_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_KEYS", "key-a,key-b")
+    cfg = {"backend": "redis", "url": REDIS_URL, "key_prefix": redis_prefix, "shared": True}
+    with run_gateway(_config(upstream, cfg, {"api_keys_env": "TEST_KEYS"}), router=KeywordRouter(["general"])) as url:
+        assert _chat(url, key="key-a").headers["x-octoroute-cache"] == "miss"
+        assert _chat(url, key="key-b").headers["x-octoroute-cache"] == "hit"
+
+
+def test_corrupt_entry_is_dropped_not_served(upstream: Upstream, redis_prefix: str) -> None:
+    cfg = {"backend": "redis", "url": REDIS_URL, "key_prefix": redis_prefix}
+    with run_gateway(_config(upstream, cfg), router=KeywordRouter(["general"])) as url:
+        assert _chat(url).headers["x-octoroute-cache"] == "miss"
+        client = redis.Redis.from_url(REDIS_URL)
+        (key,) = list(client.scan_iter(f"{redis_prefix}:resp:*"))
+        blob = client.get(key)
+        assert blob is not None
+        client.set(key, blob[: len(blob) // 2])  # truncated write
+        r = _chat(url)
+        assert r.status_code == 200 and r.headers["x-octoroute-cache"] == "miss"
+        assert r.json()["choices"][0]["message"]["content"] == "general: name three colours"
+        assert _chat(url).headers["x-octoroute-cache"] == "hit"  # rewritten whole
+
+
+def test_redis_down_means_bypass_not_5xx(upstream: Upstream) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    cfg = {"backend": "redis", "url": dead, "timeout_ms": 50}
+    with run_gateway(_config(upstream, cfg), router=KeywordRouter(["general"])) as url:
+        for _ in range(3):
+            r = _chat(url)
+            assert r.status_code == 200 and r.headers["x-octoroute-cache"] == "bypass"
+        r = _chat(url, stream=True)
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        assert 'octoroute_cache_total{result="error"}' in httpx.get(f"{url}/metrics").text
+        assert httpx.get(f"{url}/ready").json()["cache"] is False
+
+
+def test_key_is_canonical_and_ignores_transport_fields() -> None:
+    a = cache_key("p", "ns", "chat", "math", {"messages": MSG, "temperature": 0, "stream": True, "user": "u1"})
+    b = cache_key("p", "ns", "chat", "math", {"temperature": 0, "messages": MSG})
+    assert a == b
+    assert a != cache_key("p", "ns", "chat", "code", {"temperature": 0, "messages": MSG})
+    assert a != cache_key("p", "ns", "chat", "math", {"temperature": 0, "messages": MSG, "max_tokens": 5})
+    assert a != cache_key("p", "other", "chat", "math", {"temperature": 0, "messages": MSG})

@@ -1,0 +1,113 @@
+"""Bad input is refused at the edge with an OpenAI-shaped 4xx, and never reaches an expert."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from router_model import KeywordRouter
+from tests.harness import Upstream, run_gateway, scripted_upstream, vllm_expert_config
+
+MSG = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def setup() -> Iterator[tuple[str, Upstream]]:
+    with scripted_upstream("general") as up:
+        config = {"experts": [vllm_expert_config("general", up)], "cache": {"backend": "none"},
+                  "server": {"max_body_bytes": 100_000, "max_messages": 50, "max_tokens_limit": 4096}}
+        with run_gateway(config, router=KeywordRouter(["general"])) as url:
+            yield url, up
+
+
+def _post(url: str, content: bytes | None = None, json: Any = None) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", content=content, json=json,
+                      headers={"content-type": "application/json"}, timeout=10)
+
+
+def _assert_openai_error(r: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    return dict(err)
+
+
+CASES: list[tuple[str, bytes | None, Any, int, str | None]] = [
+    ("invalid json", b"{not json", None, 400, None),
+    ("invalid utf-8", b'{"model": "auto", "messages": [{"role": "user", "content": "\xff\xfe"}]}', None, 400, None),
+    ("empty body", b"", None, 400, None),
+    ("not an object", b"[1, 2]", None, 400, None),
+    ("missing messages", None, {"model": "auto"}, 400, "messages"),
+    ("missing model", None, {"messages": MSG}, 400, "model"),
+    ("wrong type", None, {"model": "auto", "messages": "hi"}, 400, "messages"),
+    ("temperature too high", None, {"model": "auto", "messages": MSG, "temperature": 5}, 400, "temperature"),
+    ("negative top_p", None, {"model": "auto", "messages": MSG, "top_p": -0.5}, 400, "top_p"),
+    ("NaN temperature", b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+     None, 400, None),
+    ("n > 1", None, {"model": "auto", "messages": MSG, "n": 3}, 400, "n"),
+    ("huge max_tokens", None, {"model": "auto", "messages": MSG, "max_tokens": 10**9}, 400, "max_tokens"),
+    ("zero max_tokens", None, {"model": "auto", "messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    ("unknown field", None, {"model": "auto", "messages": MSG, "frobnicate": 1}, 400, "frobnicate"),
+    ("bad role", None, {"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    ("no user turn", None, {"model": "auto", "messages": [{"role": "system", "content": "x"}]}, 400, "messages"),
+    ("too many messages", None, {"model": "auto", "messages": MSG * 51}, 400, "messages"),
+    ("stream_options without stream", None,
+     {"model": "auto", "messages": MSG, "stream_options": {"include_usage": True}}, 400, None),
+    ("unknown model", None, {"model": "nope", "messages": MSG}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("content", "payload", "status", "param"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_refused(setup: tuple[str, Upstream], content: bytes | None, payload: Any, status: int,
+                           param: str | None) -> None:
+    url, up = setup
+    before = up.stats()["requests"]
+    _assert_openai_error(_post(url, content, payload), status, param)
+    assert up.stats()["requests"] == before, "a refused request reached the expert"
+
+
+def test_body_over_limit_is_413(setup: tuple[str, Upstream]) -> None:
+    url, up = setup
+    big = {"model": "auto", "messages": [{"role": "user", "content": "x" * 200_000}]}
+    err = _assert_openai_error(_post(url, json=big), 413)
+    assert err["code"] == "request_too_large"
+
+
+def test_chunked_body_over_limit_is_413(setup: tuple[str, Upstream]) -> None:
+    url, _ = setup
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "auto", "messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"y" * 10_000
+        yield b'"}]}'
+
+    r = httpx.post(f"{url}/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    _assert_openai_error(r, 413)
+
+
+def test_completions_refuses_batched_prompts(setup: tuple[str, Upstream]) -> None:
+    url, _ = setup
+    r = httpx.post(f"{url}/v1/completions", json={"model": "auto", "prompt": ["a", "b"]})
+    err = _assert_openai_error(r, 400, "prompt")
+    assert "batched prompts" in err["message"]
+
+
+def test_wrong_method_is_openai_shaped(setup: tuple[str, Upstream]) -> None:
+    url, _ = setup
+    _assert_openai_error(httpx.get(f"{url}/v1/chat/completions"), 405)
+
+
+def test_valid_request_passes_sampling_fields_through(setup: tuple[str, Upstream]) -> None:
+    url, up = setup
+    r = _post(url, json={"model": "general", "messages": MSG, "temperature": 0.3, "top_k": 5, "seed": 7})
+    assert r.status_code == 200
+    sent = up.stats()["last_body"]
+    assert sent["temperature"] == 0.3 and sent["top_k"] == 5 and sent["seed"] == 7
+    assert sent["model"] == "general"

@@ -1,0 +1,174 @@
+"""Router model units: prompt building, rewrite format, calibration, metrics, and the two training paths.
+
+The training tests use tiny models (a 1-block MiniLM warm start; a 2-layer Qwen2 with a tokenizer
+built here) so the file runs in well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from router_model.eval import classification, ece
+from router_model.interface import Message, select_experts
+from router_model.router import FunctionalTokenRouter, parse_rewrite, split_conversation
+from router_model.train import augment, calibrate_thresholds, main as train_main
+from router_model.router import fit_temperature
+
+ROWS = [
+    {"text": "What is the statute of limitations for breach of contract?", "label": "legal"},
+    {"text": "Can my landlord evict me without notice?", "label": "legal"},
+    {"text": "How do I compute the present value of an annuity?", "label": "finance"},
+    {"text": "My card payment was declined at the shop.", "label": "finance"},
+    {"text": "Solve 3x + 5 = 20 for x.", "label": "math"},
+    {"text": "What is the integral of x squared?", "label": "math"},
+    {"text": "Write a python function that reverses a list.", "label": "code"},
+    {"text": "How do I select distinct rows in SQL?", "label": "code"},
+    {"text": "Who wrote the novel War and Peace?", "label": "general"},
+    {"text": "Set an alarm for seven tomorrow.", "label": "general"},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_split_conversation_keeps_latest_user_turn_and_recent_context() -> None:
+    conv = [Message("system", "be nice"), Message("user", "one"), Message("assistant", "two"),
+            Message("user", "three"), Message("assistant", "four"), Message("user", "latest")]
+    query, context = split_conversation(conv, max_turns=2)
+    assert query == "latest"
+    assert context == "user: three\nassistant: four"
+    assert split_conversation(conv, max_turns=0) == ("latest", "")
+
+
+def test_select_experts_and_threshold_calibration() -> None:
+    probs = [{"a": 0.95, "b": 0.05}, {"a": 0.55, "b": 0.45}, {"a": 0.9, "b": 0.1}]
+    tau, mass = calibrate_thresholds(probs, ["a", "b", "a"])
+    assert tau == 0.56  # the 0.55 decision is wrong, so single-expert routing starts above it
+    assert select_experts(probs[1], tau, mass) == ["a", "b"]
+    assert select_experts(probs[0], tau, mass) == ["a"]
+
+
+def test_fit_temperature_recovers_a_known_temperature() -> None:
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(4000, 5, generator=g)
+    y = torch.multinomial(torch.softmax(true, -1), 1, generator=g).squeeze(1)
+    assert fit_temperature(true * 3.0, y) == pytest.approx(3.0, rel=0.1)
+
+
+def test_metrics_on_a_known_example() -> None:
+    m = classification(["a", "a", "b", "b"], ["a", "b", "b", "b"], ["a", "b"])
+    assert m["accuracy"] == 0.75
+    assert m["per_label"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert m["confusion"]["a"]["b"] == 1
+    assert ece([1.0, 1.0], [True, False]) == pytest.approx(0.5)
+
+
+def test_augment_strips_options_and_is_seeded() -> None:
+    import random
+
+    text = "Which clause applies?\n\nA. one\nB. two\nC. three\nD. four"
+    outs = {augment(text, random.Random(s)) for s in range(40)}
+    assert any("A. one" not in o for o in outs) and any("A. one" in o for o in outs)
+    assert augment(text, random.Random(1)) == augment(text, random.Random(1))
+
+
+def test_parse_rewrite() -> None:
+    assert parse_rewrite("( ' tenant rights on eviction ' )") == "tenant rights on eviction"
+    assert parse_rewrite("('x')") == "x"
+
+
+def test_native_training_with_rewrites_end_to_end(tmp_path: Path) -> None:
+    """Octopus v4 format: the router must decode ``<nexa_i>('rewrite')<nexa_end>`` it was trained on."""
+    rows = [{**r, "rewrite": f"{r['label']} question"} for r in ROWS]
+    data = write_jsonl(tmp_path / "rw.jsonl", rows)
+    out = tmp_path / "ckpt"
+    train_main(["--train", str(data), "--dev", str(data), "--out", str(out), "--layers", "1", "--max-steps", "60",
+                "--eval-every", "60", "--batch-size", "10", "--lr", "2e-3", "--no-augment", "--mix", "0",
+                "--latency-n", "3", "--threads", "2", "--quiet", "--no-quantize"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rewrite"] is True and cfg["labels"] == ["code", "finance", "general", "legal", "math"]
+    router = FunctionalTokenRouter.load(out, threads=1)
+    target = router.codec.target(cfg["labels"].index("legal"), "legal question")
+    assert router.codec.tokenizer.decode(target) == "<nexa_3> ('legal question') <nexa_end>"
+    res = router.route([Message("user", ROWS[0]["text"])])
+    assert res.top[0] == "legal"
+    assert res.rewrite == "legal question"
+    assert abs(sum(res.probs.values()) - 1) < 1e-5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dev"]["accuracy"] == 1.0
+    assert (out / "MODEL_CARD.md").read_text().startswith("# Octoroute router")
+
+
+def _tiny_hf_model(path: Path, texts: list[str]) -> None:
+    """A 2-layer Qwen2 and a byte-level BPE tokenizer trained on ``texts``: no hub access needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    tok.save_pretrained(str(path))
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=1, eos_token_id=2, bos_token_id=None)
+    Qwen2ForCausalLM(cfg).save_pretrained(str(path))
+
+
+def test_hf_base_path_learns_labels_from_data_including_a_sixth_expert(tmp_path: Path) -> None:
+    """``--base`` fine-tunes any local causal LM; a new label in the data is a new functional token."""
+    rows = [*ROWS, {"text": "What are the side effects of ibuprofen?", "label": "medical"},
+            {"text": "Is a fever of 39 degrees dangerous for a child?", "label": "medical"}]
+    data = write_jsonl(tmp_path / "six.jsonl", rows)
+    base = tmp_path / "base"
+    _tiny_hf_model(base, [r["text"] for r in rows] * 3)
+    out = tmp_path / "ckpt"
+    train_main(["--base", str(base), "--train", str(data), "--dev", str(data), "--out", str(out),
+                "--max-steps", "80", "--eval-every", "40", "--patience", "5", "--batch-size", "12", "--lr", "3e-3",
+                "--no-augment", "--mix", "0", "--latency-n", "3", "--threads", "2", "--quiet"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["arch"] == "hf" and len(cfg["labels"]) == 6 and "medical" in cfg["labels"]
+    assert len(set(cfg["functional_token_ids"])) == 6 and cfg["end_token_id"] not in cfg["functional_token_ids"]
+    router = FunctionalTokenRouter.load(out, threads=1)
+    res = router.route_batch([[Message("user", r["text"])] for r in rows])
+    acc = sum(r.top[0] == row["label"] for r, row in zip(res, rows, strict=True)) / len(rows)
+    assert acc >= 0.9, acc
+    assert all(abs(sum(r.probs.values()) - 1) < 1e-5 for r in res)
+
+
+def test_route_batch_is_thread_safe(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "ckpt"
+    train_main(["--train", str(data), "--dev", str(data), "--out", str(out), "--layers", "1", "--max-steps", "2",
+                "--latency-n", "0", "--quiet"])
+    router = FunctionalTokenRouter.load(out, threads=1)
+    convs = [[Message("user", "earlier question"), Message("assistant", "ok"), Message("user", r["text"])]
+             for r in ROWS]
+    expected = [r.probs for r in router.route_batch(convs)]
+    results: list[list[dict[str, float]]] = []
+
+    def work() -> None:
+        for _ in range(3):
+            results.append([r.probs for r in router.route_batch(convs)])
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 12
+    for got in results:
+        for g, e in zip(got, expected, strict=True):
+            assert g == pytest.approx(e, abs=1e-5)
