@@ -57,13 +57,14 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(config: GatewayConfig, router: Router | None = None,
-               experts: dict[str, Expert] | None = None) -> FastAPI:
-    """Build the gateway. ``router``/``experts`` replace the configured ones (tests, embedding)."""
+def create_app(config: GatewayConfig, router: Router | None = None, experts: dict[str, Expert] | None = None,
+               router_kind: str | None = None) -> FastAPI:
+    """Build the gateway. ``router``/``experts`` replace the configured ones (tests, embedding);
+    ``router_kind`` is how /ready describes a router passed in (default: its class name)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await State.build(config, router=router, experts=experts)
+        state = await State.build(config, router=router, experts=experts, router_kind=router_kind)
         app.state.octoroute = state
         log.info("gateway ready", extra={"experts": list(state.experts), "router": state.router_kind,
                                          "cache": config.cache.backend})

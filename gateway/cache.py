@@ -122,11 +122,12 @@ class NullCache(Cache):
 
 
 class MemoryCache(Cache):
-    """Bounded LRU with TTL, for one process. Memory is bounded by max_entries * max_entry_bytes."""
+    """Bounded LRU with TTL, for one process: at most ``max_entries`` entries and ``max_bytes`` bytes."""
 
     def __init__(self, config: CacheConfig) -> None:
         super().__init__(config)
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._bytes = 0
 
     async def _get(self, key: str) -> bytes | None:
         item = self._entries.get(key)
@@ -134,19 +135,23 @@ class MemoryCache(Cache):
             return None
         expires, blob = item
         if expires < time.monotonic():
-            del self._entries[key]
+            await self._delete(key)
             return None
         self._entries.move_to_end(key)
         return blob
 
     async def _set(self, key: str, blob: bytes) -> None:
+        await self._delete(key)
         self._entries[key] = (time.monotonic() + self.config.ttl_s, blob)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.config.max_entries:
-            self._entries.popitem(last=False)
+        self._bytes += len(blob)
+        while len(self._entries) > self.config.max_entries or self._bytes > self.config.max_bytes:
+            _, (_, old) = self._entries.popitem(last=False)
+            self._bytes -= len(old)
 
     async def _delete(self, key: str) -> None:
-        self._entries.pop(key, None)
+        item = self._entries.pop(key, None)
+        if item is not None:
+            self._bytes -= len(item[1])
 
 
 class RedisCache(Cache):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from gateway.config import DEFAULT_DEMO_DIR, ConfigError, GatewayConfig, load_config
 
@@ -14,6 +16,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.logs import setup_logging
+    from gateway.routing import RoutingService
+    from gateway.state import load_configured_router
 
     config = load_config(args.config)
     if args.config is None:
@@ -23,8 +27,24 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(config.logging.level, config.logging.json_format)
     host = args.host or config.server.host
     port = args.port or config.server.port
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=int(config.server.shutdown_grace_s) or None, loop="auto", http="auto")
+    router, router_kind = load_configured_router(config)
+    RoutingService.label_map(router, config)  # a label with no expert is a config error: say it before serving
+    app = create_app(config, router=router, router_kind=router_kind)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            """On SIGTERM/SIGINT, /ready turns 503 at once, while in-flight streams finish.
+
+            A drained SIGTERM is a normal stop: exit 0 rather than re-raising the signal as uvicorn does."""
+            state = getattr(app.state, "octoroute", None)
+            if state is not None:
+                state.draining = True
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                self._captured_signals.remove(sig)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=int(config.server.shutdown_grace_s) or None)).run()
     return 0
 
 

@@ -99,7 +99,8 @@ class CacheConfig(_Strict):
     key_prefix: str = "octoroute"
     ttl_s: int = Field(3600, ge=1)
     max_entry_bytes: int = Field(1_000_000, ge=1)
-    max_entries: int = Field(10_000, ge=1, description="Memory backend: LRU capacity.")
+    max_entries: int = Field(10_000, ge=1, description="Memory backend: LRU capacity in entries.")
+    max_bytes: int = Field(256 * 2**20, ge=1, description="Memory backend: LRU capacity in bytes.")
     timeout_ms: int = Field(50, ge=1, description="Redis operations slower than this are a bypass.")
     deterministic_only: bool = Field(True, description="Cache only temperature 0 or seeded requests.")
     shared: bool = Field(False, description="Share entries across API keys (default: one namespace per key).")

@@ -49,7 +49,7 @@ class RoutingService:
         self.mass = config.router.mass if config.router.mass is not None else router.mass
         self.history_turns = config.router.history_turns
         self.max_batch = config.router.max_batch
-        self.label_to_expert = self._label_map(router, config)
+        self.label_to_expert = self.label_map(router, config)
         self._cache: OrderedDict[Conversation, RouteResult] = OrderedDict()
         self._cache_size = config.router.decision_cache_size
         self._queue: asyncio.Queue[tuple[Conversation, asyncio.Future[RouteResult]]] | None = None
@@ -57,7 +57,8 @@ class RoutingService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router")
 
     @staticmethod
-    def _label_map(router: Router, config: GatewayConfig) -> dict[str, str]:
+    def label_map(router: Router, config: GatewayConfig) -> dict[str, str]:
+        """Router label -> expert name; raises ConfigError for a label nobody answers."""
         mapping: dict[str, str] = {}
         for expert in config.experts:
             for label in expert.route_labels:

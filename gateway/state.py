@@ -34,7 +34,7 @@ def load_configured_router(config: GatewayConfig) -> tuple[Router, str]:
     if config.router.kind == "keyword":
         return KeywordRouter(), "keyword"
     try:
-        from router_model import load_router  # type: ignore[attr-defined]
+        from router_model import load_router
 
         router: Router = load_router(config.router.path, threads=config.router.threads)
         return router, "functional_token"
@@ -61,14 +61,13 @@ class State:
 
     @classmethod
     async def build(cls, config: GatewayConfig, router: Router | None = None,
-                    experts: dict[str, Expert] | None = None) -> State:
+                    experts: dict[str, Expert] | None = None, router_kind: str | None = None) -> State:
         """Assemble the gateway; ``router``/``experts`` may be passed in (tests, embedding)."""
         metrics = Metrics()
         if router is None:
             router, router_kind = await asyncio.to_thread(load_configured_router, config)
-        else:
+        elif router_kind is None:
             router_kind = type(router).__name__
-        assert router is not None
         if experts is None:
             built = await asyncio.gather(*(asyncio.to_thread(build_expert, e) for e in config.experts))
             experts = dict(zip((e.name for e in config.experts), built, strict=True))

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from router_model.interface import Message, RouteResult, Router, select_experts
+from router_model.interface import Message, Router, RouteResult, select_experts
 from router_model.keyword import KeywordRouter
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"

@@ -102,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--loso", action="store_true", help="also run leave-one-source-out folds")
     ap.add_argument("--loso-steps", type=int, default=250)
     ap.add_argument("--per-source", type=int, default=300, help="held-out rows sampled per family")
+    ap.add_argument("--loso-ablation", action="store_true",
+                    help="also retrain each fold without augmentation/mixing (doubles LOSO time)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -117,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     preds = {"tf-idf + LR": tfidf_lr(train, [dev])[0], "MiniLM embeddings + LR": embed_lr(emb, train, [dev])[0],
              "functional-token router (shipped)": router_predict(router, dev)}
+    fp32 = FunctionalTokenRouter.load(ckpt, threads=args.threads, quantize=False)
+    preds["functional-token router, fp32 (not shipped)"] = router_predict(fp32, dev)
     gold = [r["label"] for r in dev]
     base = {k: {x: classification(gold, p, labels)[x] for x in ("accuracy", "macro_f1")} for k, p in preds.items()}
     (ckpt / "baselines.json").write_text(json.dumps(base, indent=1) + "\n")
@@ -135,13 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             held += test
             fold_preds["tf-idf + LR"] += tfidf_lr(keep, [test])[0]
             fold_preds["MiniLM embeddings + LR"] += embed_lr(emb, keep, [test])[0]
-            with tempfile.TemporaryDirectory() as tmp:
-                train_router(train_parser().parse_args(
-                    ["--data", args.data, "--out", tmp, "--max-steps", str(args.loso_steps), "--eval-every",
-                     str(max(1, args.loso_steps // 2)), "--latency-n", "0", "--threads", str(args.threads),
-                     "--exclude-sources", *fold]))
-                fold_preds["functional-token router"] += router_predict(
-                    FunctionalTokenRouter.load(tmp, threads=args.threads), test)
+            variants: dict[str, list[str]] = {"functional-token router": []}
+            if args.loso_ablation:
+                variants["functional-token router, no augmentation/mixing"] = ["--no-augment", "--mix", "0"]
+            for name, extra in variants.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    train_router(train_parser().parse_args(
+                        ["--data", args.data, "--out", tmp, "--max-steps", str(args.loso_steps), "--eval-every",
+                         str(max(1, args.loso_steps // 2)), "--latency-n", "0", "--threads", str(args.threads),
+                         *extra, "--exclude-sources", *fold]))
+                    fold_preds[name] += router_predict(FunctionalTokenRouter.load(tmp, threads=args.threads), test)
         sources = [s for fold in FOLDS for s in fold]
         loso = {
             "note": f"Reduced LOSO: {len(FOLDS)} folds, each holding out {len(FOLDS[0])} source families at once "

@@ -61,11 +61,18 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``last`` (B,), only those positions are computed: the answer position is all routing needs."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
         drop = self.drop.p if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        if last is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:
+            rows = torch.arange(b)
+            q, x, t = q[rows, :, last].unsqueeze(2), x[rows, last].unsqueeze(1), 1
+            seen = (torch.arange(k.shape[2]) <= last[:, None])[:, None, None, :]
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, dropout_p=drop)
         x = self.ln1(x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d))))
         return self.ln2(x + self.drop(self.out(F.gelu(self.fc(x)))))
 
@@ -92,6 +99,15 @@ class CausalLM(nn.Module):
             x = block(x)
         return x
 
+    def answer_hidden(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden state at each row's last real token (B, d); the top block skips other positions."""
+        last = attention_mask.sum(1) - 1
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = self.ln_emb(self.wte(ids) + self.wpe(pos))
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.blocks[-1](x, last)[:, 0]
+
     def head_weight(self) -> torch.Tensor:
         return self.wte.weight
 
@@ -108,10 +124,14 @@ class HFCausalLM(nn.Module):
 
     def hidden(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         out = self.lm(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True)
-        return out.hidden_states[-1]  # type: ignore[no-any-return]
+        return out.hidden_states[-1]
+
+    def answer_hidden(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(ids, attention_mask)
+        return h[torch.arange(ids.shape[0]), attention_mask.sum(1) - 1]
 
     def head_weight(self) -> torch.Tensor:
-        return self.lm.get_output_embeddings().weight  # type: ignore[no-any-return]
+        return self.lm.get_output_embeddings().weight
 
     def head_bias(self) -> torch.Tensor | None:
         return getattr(self.lm.get_output_embeddings(), "bias", None)
@@ -119,6 +139,7 @@ class HFCausalLM(nn.Module):
 
 class LM(Protocol):
     def hidden(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+    def answer_hidden(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
     def head_weight(self) -> torch.Tensor: ...
     def head_bias(self) -> torch.Tensor | None: ...
 

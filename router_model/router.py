@@ -152,9 +152,7 @@ class FunctionalTokenRouter:
         for s in range(0, len(order), chunk):
             idx = order[s : s + chunk]
             ids, mask = self.codec.pad([prompts[i] for i in idx])
-            h = self.lm.hidden(ids, mask)
-            last = h[torch.arange(len(idx)), mask.sum(1) - 1]
-            out[idx] = logits_for(self.lm, last, self._fn).float()
+            out[idx] = logits_for(self.lm, self.lm.answer_hidden(ids, mask), self._fn).float()
         return out
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:

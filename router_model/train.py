@@ -76,6 +76,7 @@ def build_lm(args: argparse.Namespace, labels: list[str]) -> tuple[Any, Any, dic
     """The model, its tokenizer with functional tokens added, and the checkpoint config fields they fix."""
     new_tokens = [FUNCTIONAL_TOKEN.format(i) for i in range(len(labels))] + [END_TOKEN]
     names = [*labels, "end"]
+    lm: Any
     if args.base is None:
         tok = AutoTokenizer.from_pretrained(str(minilm_path()))
         n_orig = len(tok)
@@ -90,7 +91,7 @@ def build_lm(args: argparse.Namespace, labels: list[str]) -> tuple[Any, Any, dic
                   "suffix_ids": [tok.sep_token_id], "pad_id": tok.pad_token_id, "n_orig_vocab": n_orig}
     else:
         tok = AutoTokenizer.from_pretrained(args.base)
-        hf = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+        hf: Any = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
         n_orig = len(tok)
         tok.add_tokens(new_tokens, special_tokens=True)
         hf.resize_token_embeddings(len(tok))

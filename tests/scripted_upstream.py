@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -131,10 +132,8 @@ class Scripted:
                 await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
                             "more_body": True})
                 if mode == "slow_chunks":
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(disconnected.wait(), float(self.control.get("delay_s", 1)))
-                    except TimeoutError:
-                        pass
             last = {"index": 0, "delta": {}, "finish_reason": finish} if chat else {
                 "index": 0, "text": "", "finish_reason": finish}
             tail = [{"id": rid, "object": obj, "created": created, "model": self.name, "choices": [last]}]

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+import promql_parser
 import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
@@ -252,25 +253,35 @@ def exported() -> dict[str, tuple[str, frozenset[str]]]:
     return names
 
 
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
-                "unless", "offset", "inf", "nan"}
+# Grafana's interval variables, replaced by a duration so the expression parses as PromQL.
+GRAFANA_INTERVALS = re.compile(r"\$\{?__(?:rate_interval|interval|range)\}?")
 
 
 def promql_parts(expr: str) -> tuple[set[str], dict[str, set[str]], set[str]]:
-    """(series names, label names matched per series, grouping labels) of one PromQL expression."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings (label values, Grafana variables)
-    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges, subqueries
-    grouping: set[str] = set()
-    for m in re.finditer(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expr):
-        grouping |= {x.strip() for x in m.group(1).split(",") if x.strip()}
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    """(series names, label names matched per series, grouping labels) of one PromQL expression.
+
+    Parsed by promql-parser (a real PromQL grammar), so a syntax error fails the test too.
+    """
+    tree = promql_parser.parse(GRAFANA_INTERVALS.sub("5m", expr))
+    names: set[str] = set()
     matchers: dict[str, set[str]] = {}
-    for m in re.finditer(r"([A-Za-z_:][\w:]*)?\s*\{([^}]*)\}", expr):
-        keys = set(re.findall(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)", m.group(2)))
-        matchers.setdefault(m.group(1) or "", set()).update(keys)
-    expr = re.sub(r"\{[^}]*\}", " ", expr)
-    expr = re.sub(r"(?<![\w:])\d+(?:\.\d+)?(?:e[+-]?\d+)?(?![\w:])", " ", expr)
-    names = {m.group(0) for m in re.finditer(r"(?<![\w:$])[A-Za-z_:][\w:]*+(?!\s*\()", expr)} - PROMQL_WORDS
+    grouping: set[str] = set()
+
+    def visit(node: Any) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            found = list(node.matchers.matchers) + [m for group in node.matchers.or_matchers for m in group]
+            name = node.name or next((m.value for m in found if m.name == "__name__"), "")
+            names.add(name)
+            matchers.setdefault(name, set()).update(m.name for m in found if m.name != "__name__")
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            grouping.update(node.modifier.labels)
+        elif isinstance(node, promql_parser.BinaryExpr) and node.modifier is not None:
+            if node.modifier.matching is not None:
+                grouping.update(node.modifier.matching.labels)
+            grouping.update(node.modifier.group_labels or ())
+        return True
+
+    promql_parser.walk(tree, visit)
     return names, matchers, grouping
 
 
@@ -304,6 +315,8 @@ def test_promql_checker_catches_mistakes() -> None:
     assert metric_problems('rate(octoroute_cache_total{expert="x"}[5m])')
     assert metric_problems("sum(rate(octoroute_tokens_total[5m]))", "{{direction}}")
     assert not metric_problems("histogram_quantile(0.95, sum by (le) (rate(octoroute_routing_seconds_bucket[1m])))")
+    with pytest.raises(ValueError):  # not PromQL at all
+        metric_problems("sum(rate(octoroute_requests_total[5m])")
 
 
 def dashboard_targets() -> list[dict[str, Any]]:

@@ -155,3 +155,18 @@ def test_key_is_canonical_and_ignores_transport_fields() -> None:
     assert a != cache_key("p", "ns", "chat", "code", {"temperature": 0, "messages": MSG})
     assert a != cache_key("p", "ns", "chat", "math", {"temperature": 0, "messages": MSG, "max_tokens": 5})
     assert a != cache_key("p", "other", "chat", "math", {"temperature": 0, "messages": MSG})
+
+
+async def test_memory_cache_is_bounded_in_entries_and_bytes() -> None:
+    from gateway.cache import MemoryCache
+    from gateway.config import CacheConfig
+
+    cache = MemoryCache(CacheConfig(max_entries=3, max_bytes=10_000))
+    for i in range(5):
+        assert await cache.set(f"k{i}", {"v": i})
+    assert [await cache.get(f"k{i}") for i in (0, 1)] == [("miss", None), ("miss", None)]
+    assert (await cache.get("k4")) == ("hit", {"v": 4})
+    big = {"v": "x" * 4000}
+    for i in range(3):
+        await cache.set(f"big{i}", big)
+    assert cache._bytes <= 10_000 and len(cache._entries) <= 2

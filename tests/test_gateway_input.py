@@ -73,7 +73,7 @@ def test_bad_input_refused(setup: tuple[str, Upstream], content: bytes | None, p
 
 
 def test_body_over_limit_is_413(setup: tuple[str, Upstream]) -> None:
-    url, up = setup
+    url, _ = setup
     big = {"model": "auto", "messages": [{"role": "user", "content": "x" * 200_000}]}
     err = _assert_openai_error(_post(url, json=big), 413)
     assert err["code"] == "request_too_large"

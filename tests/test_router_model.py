@@ -15,9 +15,9 @@ import torch
 
 from router_model.eval import classification, ece
 from router_model.interface import Message, select_experts
-from router_model.router import FunctionalTokenRouter, parse_rewrite, split_conversation
-from router_model.train import augment, calibrate_thresholds, main as train_main
-from router_model.router import fit_temperature
+from router_model.router import FunctionalTokenRouter, fit_temperature, parse_rewrite, split_conversation
+from router_model.train import augment, calibrate_thresholds
+from router_model.train import main as train_main
 
 ROWS = [
     {"text": "What is the statute of limitations for breach of contract?", "label": "legal"},
