@@ -6,15 +6,17 @@ resolve the model (route, pin) -> cache lookup -> forward to the expert (fallbac
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive
 
 from gateway.auth import key_id
 from gateway.cache import Cache, Lookup, cache_key, is_deterministic
@@ -30,6 +32,13 @@ Mode = Literal["single", "pinned"]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
 @dataclass
 class Call:
     """Everything about one request that the pipeline needs, already validated."""
@@ -42,6 +51,7 @@ class Call:
     include_usage: bool
     api_key: str | None
     request_id: str
+    receive: Receive | None = None  # the ASGI receive channel, to notice a client that hangs up
     started: float = field(default_factory=time.perf_counter)
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -299,10 +309,14 @@ class Pipeline:
         gauge = self.metrics.in_flight.labels(handle.name)
         gauge.inc()
         try:
-            result = await handle.expert.generate(call.endpoint, self._upstream_body(call, handle))
+            result = await self._unless_client_leaves(
+                call, handle.expert.generate(call.endpoint, self._upstream_body(call, handle)))
         except UpstreamError as err:
             self._record_failure(handle, err)
             raise
+        except ClientGone:
+            handle.breaker.release_probe()
+            return Response(status_code=499)
         finally:
             handle.in_flight -= 1
             gauge.dec()
@@ -312,6 +326,29 @@ class Pipeline:
         if choices[0].get("finish_reason") in ("stop", "length"):
             await self._store(key, result)
         return _json_response(result, call.headers)
+
+    @staticmethod
+    async def _unless_client_leaves(call: Call, work: Coroutine[Any, Any, T]) -> T:
+        """Await ``work``, cancelling it (and so the upstream request) if the client disconnects first."""
+        if call.receive is None:
+            return await work
+        receive = call.receive
+
+        async def hang_up() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(hang_up())
+        try:
+            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientGone
+        return task.result()
 
     async def _stream(self, call: Call, handle: ExpertHandle, key: str | None) -> Response:
         """Prime the upstream stream (so errors before the first byte can fall back), then pass it on."""

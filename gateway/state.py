@@ -65,14 +65,14 @@ class State:
         """Assemble the gateway; ``router``/``experts`` may be passed in (tests, embedding)."""
         metrics = Metrics()
         if router is None:
-            router, router_kind = await asyncio.to_thread(load_configured_router, config)
-        elif router_kind is None:
-            router_kind = type(router).__name__
+            active, kind = await asyncio.to_thread(load_configured_router, config)
+        else:
+            active, kind = router, router_kind or type(router).__name__
         if experts is None:
             built = await asyncio.gather(*(asyncio.to_thread(build_expert, e) for e in config.experts))
             experts = dict(zip((e.name for e in config.experts), built, strict=True))
         handles = {e.name: ExpertHandle.create(experts[e.name], e, metrics) for e in config.experts}
-        routing = RoutingService(router, config)
+        routing = RoutingService(active, config)
         await routing.start()
         cache = build_cache(config.cache, on_error=lambda: metrics.cache.labels("error").inc())
         limiter = None
@@ -81,8 +81,7 @@ class State:
                                   cache.client if isinstance(cache, RedisCache) else None,
                                   config.cache.key_prefix, config.cache.timeout_ms / 1000)
         pipeline = Pipeline(config, routing, handles, cache, metrics)
-        return cls(config, metrics, routing, pipeline, handles, cache, Authenticator(config.auth), limiter,
-                   router_kind)
+        return cls(config, metrics, routing, pipeline, handles, cache, Authenticator(config.auth), limiter, kind)
 
     async def aclose(self) -> None:
         self.draining = True

@@ -164,8 +164,8 @@ class FunctionalTokenRouter:
     def route_batch(self, conversations: Sequence[Sequence[Message]]) -> list[RouteResult]:
         if not conversations:
             return []
-        prompts = self._encode(conversations)
-        with self._lock:
+        with self._lock:  # also around tokenisation: HF fast tokenizers can raise "Already borrowed" concurrently
+            prompts = self._encode(conversations)
             torch.set_num_threads(self.threads)
             t0 = time.perf_counter()
             logits = self._answer_logits(prompts)
@@ -202,10 +202,6 @@ def parse_rewrite(text: str) -> str | None:
     if t.startswith(REWRITE_OPEN) and t.endswith(REWRITE_CLOSE) and len(t) >= 4:
         return t[2:-2].strip()
     return t or None
-
-
-def softmax_rows(logits: torch.Tensor, temperature: float) -> list[list[float]]:
-    return torch.softmax(logits / temperature, dim=-1).tolist()
 
 
 def nll(logits: torch.Tensor, y: torch.Tensor, temperature: float) -> float:

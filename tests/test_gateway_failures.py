@@ -171,3 +171,17 @@ def test_api_keys_and_rate_limit(pair: tuple[Upstream, Upstream], monkeypatch: p
                           json={"model": "auto", "messages": MSG})
         assert beta.status_code == 200  # one key's limit does not throttle another
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
+
+
+def test_client_leaving_a_non_streaming_request_cancels_upstream(pair: tuple[Upstream, Upstream]) -> None:
+    math, general = pair
+    math.control("slow_first", delay_s=3)
+    with run_gateway(_config(math, general), router=KeywordRouter()) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json={"model": "math", "messages": MSG}, timeout=0.5)
+        deadline = time.monotonic() + 5
+        while "499" not in httpx.get(f"{url}/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 'status="499"' in metrics
+    assert 'octoroute_in_flight_requests{expert="math"} 0.0' in metrics

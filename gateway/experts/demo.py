@@ -105,13 +105,13 @@ def _save_tokenizer(tok: PreTrainedTokenizerFast, path: Path) -> None:
 
 
 def _model_config(tok: PreTrainedTokenizerFast) -> Qwen2Config:
-    eot, im_end = tok.convert_tokens_to_ids([EOT, IM_END])
-    return Qwen2Config(
-        vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot,
-        torch_dtype="float32",
-    )
+    vocab = tok.get_vocab()
+    return Qwen2Config.from_dict({
+        "vocab_size": VOCAB_SIZE, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 1024,
+        "tie_word_embeddings": True, "bos_token_id": vocab[EOT], "eos_token_id": vocab[IM_END],
+        "pad_token_id": vocab[EOT], "dtype": "float32",
+    })
 
 
 def _train_model(cfg: Qwen2Config, ids: torch.Tensor, bar: tqdm) -> Qwen2ForCausalLM:

@@ -12,7 +12,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,7 +229,7 @@ class LocalExpert(Expert):
             inputs = torch.tensor([[token]])
 
     async def _pieces(self, endpoint: Endpoint, body: JSON, out: Outcome, usage: JSON,
-                      before_first_byte: bool) -> AsyncIterator[str]:
+                      before_first_byte: bool) -> AsyncGenerator[str, None]:
         """Run one generation in the worker thread and yield its text pieces. Closing this generator
         (a client disconnect) sets the cancel flag the worker checks before every token."""
         if self._closing.is_set():
@@ -241,10 +241,13 @@ class LocalExpert(Expert):
         queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
         cancel = threading.Event()
 
+        def emit(piece: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, piece)
+
         def work() -> None:
             end: BaseException | None = None
             try:
-                self._decode(prompt_ids, params, cancel, out, lambda s: loop.call_soon_threadsafe(queue.put_nowait, s))
+                self._decode(prompt_ids, params, cancel, out, emit)
             except Exception as exc:
                 end = exc
             loop.call_soon_threadsafe(queue.put_nowait, end)
@@ -271,7 +274,7 @@ class LocalExpert(Expert):
                 "model": self.served_model}
 
     async def generate(self, endpoint: Endpoint, body: JSON) -> JSON:
-        out, usage = Outcome(), {}
+        out, usage = Outcome(), {"prompt_tokens": 0}
         text = "".join([s async for s in self._pieces(endpoint, body, out, usage, before_first_byte=True)])
         if endpoint == "chat":
             choice: JSON = {"index": 0, "message": {"role": "assistant", "content": text}}
@@ -281,7 +284,7 @@ class LocalExpert(Expert):
         return self._envelope(endpoint, chunk=False) | {"choices": [choice], "usage": usage}
 
     async def stream(self, endpoint: Endpoint, body: JSON) -> AsyncIterator[bytes]:
-        out, usage = Outcome(), {}
+        out, usage = Outcome(), {"prompt_tokens": 0}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         pieces = self._pieces(endpoint, body, out, usage, before_first_byte=False)
         head = self._envelope(endpoint, chunk=True) | ({"usage": None} if include_usage else {})

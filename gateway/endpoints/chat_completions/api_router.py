@@ -25,5 +25,6 @@ async def chat_completions(request: Request) -> Response:
         raise bad_request("messages must contain at least one user message", param="messages")
     call = Call(endpoint="chat", model=req.model, body=req.wire(),
                 messages=[Message(m.role, m.text()) for m in req.messages], stream=req.stream,
-                include_usage=req.include_usage, api_key=api_key, request_id=request.state.request_id)
+                include_usage=req.include_usage, api_key=api_key, request_id=request.state.request_id,
+                receive=request.receive)
     return await state.pipeline.serve(call)
