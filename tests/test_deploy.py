@@ -1,6 +1,8 @@
 """deploy/: compose stack, gateway image, Prometheus and Grafana files, checked without Docker.
 
-- compose.yaml parses, and every file it mounts or builds from exists;
+- compose.yaml passes a strict Compose-spec parser once its variables are filled from
+  .env.example (which must document exactly the variables it uses), and every file it mounts or
+  builds from exists;
 - the gateway config it mounts (deploy/config.example.yaml) loads with gateway/config.py and
   points at compose services that serve the models it names;
 - the Dockerfile only COPYs files that exist and that .dockerignore lets through, and its final
@@ -21,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+import compose_spec
 import promql_parser
 import pytest
 import yaml
@@ -39,9 +42,45 @@ GATEWAY_CONFIG_TARGET = "/etc/octoroute/config.yaml"
 
 
 # ------------------------------------------------------------------------------- compose
+COMPOSE_VAR = re.compile(
+    r"\$\$|\$\{(?P<braced>[A-Za-z_]\w*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>[A-Za-z_]\w*)")
+
+
+def env_example() -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in (DEPLOY / ".env.example").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def interpolate(text: str, env: dict[str, str]) -> tuple[str, set[str], set[str]]:
+    """Compose variable interpolation: (text, variables used, variables used without a default)."""
+    used: set[str] = set()
+    required: set[str] = set()
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group("braced") or m.group("bare")
+        op, arg = m.group("op"), m.group("arg")
+        used.add(name)
+        value = env.get(name)
+        if op is None or "?" in op:
+            required.add(name)
+        unset = (op in (":-", ":?") and not value) or (op in ("-", "?") and value is None)
+        if unset:
+            if "?" in op:
+                raise ValueError(f"compose needs {name}: {arg}")
+            return arg
+        return value or ""
+
+    return COMPOSE_VAR.sub(sub, text), used, required
+
+
 @cache
 def compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE.read_text())
+    """compose.yaml as Compose sees it with deploy/.env.example as its .env."""
+    text, _, _ = interpolate(COMPOSE.read_text(), env_example())
+    data = yaml.safe_load(text)
     assert isinstance(data, dict) and isinstance(data.get("services"), dict)
     return data
 
@@ -67,6 +106,25 @@ def flag(args: list[str], name: str) -> str:
 
 def vllm_services() -> dict[str, dict[str, Any]]:
     return {n: s for n, s in services().items() if str(s.get("image", "")).startswith("vllm/vllm-openai")}
+
+
+def test_compose_follows_the_compose_spec() -> None:
+    """Strict Compose-spec parser (compose_spec, Rust): unknown keys and wrong types fail."""
+    env = env_example()
+    text, used, required = interpolate(COMPOSE.read_text(), env)
+    assert required <= set(env), f"compose.yaml needs these without a default: {required - set(env)}"
+    assert set(env) <= used, f".env.example documents variables compose.yaml never uses: {set(env) - used}"
+    parsed = compose_spec.PyOptions(apply_merge=True).from_yaml(text)
+    parsed.validate()
+    with pytest.raises(ValueError, match="compose needs OCTOROUTE_API_KEYS"):
+        interpolate(COMPOSE.read_text(), {k: v for k, v in env.items() if k != "OCTOROUTE_API_KEYS"})
+    volumes = set(compose()["volumes"])
+    for name, svc in services().items():
+        for target in svc.get("depends_on", {}):
+            assert target in services(), f"{name} depends on unknown service {target}"
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            assert source.startswith((".", "/")) or source in volumes, f"{name}: volume {source} is not declared"
 
 
 def test_compose_has_the_whole_stack() -> None:

@@ -8,6 +8,7 @@ next-token log-probabilities. One generation runs at a time per model, in a work
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import secrets
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from gateway.config import ExpertConfig
 from gateway.experts.base import JSON, Endpoint, Expert, UpstreamError
@@ -110,6 +111,9 @@ class LocalExpert(Expert):
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
         self.max_len = int(self.model.config.max_position_embeddings)
+        # transformers 5.2x renamed ``past_key_values`` to ``cache``; the cache is updated in place either way.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"local-{self.name}")
         self._closing = threading.Event()
 
@@ -203,12 +207,11 @@ class LocalExpert(Expert):
         to show (complete characters, no part of a possible stop string)."""
         gen = torch.Generator().manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
         detok = Detokenizer(self.tokenizer, prompt_ids)
-        text, sent, past = "", 0, None
+        text, sent, cache = "", 0, DynamicCache()
         inputs = torch.tensor([prompt_ids])
         while out.completion_tokens < p.max_tokens and not (cancel.is_set() or self._closing.is_set()):
-            result = self.model(input_ids=inputs, past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            token = self._pick(result.logits[0, -1], p, gen)
+            logits = self.model(input_ids=inputs, use_cache=True, **{self._cache_arg: cache}).logits
+            token = self._pick(logits[0, -1], p, gen)
             out.completion_tokens += 1
             done = token in self.eos_ids or out.completion_tokens == p.max_tokens
             if token in self.eos_ids:

@@ -44,6 +44,7 @@ PROBE_MESSAGES: list[JSON] = [
     {"role": "user", "content": "What is 2 + 2? Répondez, s'il vous plaît. 数学"},
 ]
 MAX_NAMED_IDS = 128  # vLLM's cap on logprob_token_ids per request
+DEFAULT_VOCAB = 32768  # tail imputation's V when a remote tokenizer cannot be loaded here
 
 
 class FusionInputError(ValueError):
@@ -60,12 +61,8 @@ class TopK:
 
     ids: list[int]
     lps: list[float]
+    bound: float  # no id outside ``ids`` has a larger log-prob (-inf when the full row is known)
     full: Array | None = None
-
-    @property
-    def bound(self) -> float:
-        """No id outside ``ids`` has a larger log-prob than this."""
-        return min(self.lps) if self.full is None else float("-inf")
 
     def get(self, token: int) -> float | None:
         if self.full is not None:
@@ -95,8 +92,6 @@ def _hash(text_ids: Sequence[int], chat_ids: Sequence[int]) -> str:
 class LogprobSource(ABC):
     """One expert seen as a next-token distribution oracle."""
 
-    can_draft = False
-
     def __init__(self, expert: Expert) -> None:
         self.expert = expert
         self.name = expert.name
@@ -121,17 +116,15 @@ class LogprobSource(ABC):
 
     @abstractmethod
     async def exact(self, ids: Sequence[int], candidates: Sequence[int]) -> Array:
-        """Exact log-probs of ``candidates`` as the next token after ``ids``."""
+        """Exact log-probs of ``candidates`` after ``ids``; NaN where the server gave none (tail imputed)."""
 
     @abstractmethod
     async def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids (special tokens skipped), for incremental detokenisation."""
 
-    async def draft(self, ids: Sequence[int], n: int, k: int) -> tuple[list[int], list[TopK]]:
-        raise NotImplementedError
-
-    async def score(self, ids: Sequence[int], tail: Sequence[int], k: int) -> list[TopK]:
-        raise NotImplementedError
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
 
 
 def _completion_prompt(prompt: Any) -> str | list[int]:
@@ -184,12 +177,16 @@ class LocalSource(LogprobSource):
         raw = await asyncio.to_thread(self.model.next_token_logprobs, list(ids))
         full = np.asarray(raw.float().numpy() if hasattr(raw, "numpy") else raw, dtype=np.float64).reshape(-1)
         best = np.argsort(-full, kind="stable")[:k]
-        return TopK([int(i) for i in best], [float(full[i]) for i in best], full)
+        return TopK([int(i) for i in best], [float(full[i]) for i in best], float("-inf"), full)
 
     async def exact(self, ids: Sequence[int], candidates: Sequence[int]) -> Array:
         row = await self.top(ids, 1)
         assert row.full is not None
         return row.full[np.asarray(candidates, dtype=np.int64)]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
 
     async def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
@@ -199,17 +196,16 @@ def _token_id(key: str) -> int:
     return int(key.rsplit(":", 1)[1])
 
 
-def _as_topk(entry: dict[str, float] | None) -> TopK:
+def _as_topk(entry: dict[str, float] | None, k: int) -> TopK:
+    """Parse one position; vLLM adds the chosen/prompt token to the top-k, so the bound is the k-th value."""
     if not entry:
         raise UpstreamError("protocol", "vLLM returned no log-probs for a position", 502)
-    ids = [_token_id(k) for k in entry]
-    return TopK(ids, [float(v) for v in entry.values()])
+    lps = [float(v) for v in entry.values()]
+    return TopK([_token_id(key) for key in entry], lps, sorted(lps, reverse=True)[min(k, len(lps)) - 1])
 
 
 class VllmSource(LogprobSource):
     """Log-probs from a vLLM server over its OpenAI API (the expert's pooled client and headers)."""
-
-    can_draft = True
 
     def __init__(self, expert: Expert) -> None:
         super().__init__(expert)
@@ -304,7 +300,7 @@ class VllmSource(LogprobSource):
 
     async def top(self, ids: Sequence[int], k: int) -> TopK:
         choice = await self._complete({"prompt": list(ids), "max_tokens": 1, "logprobs": k})
-        return _as_topk(choice["logprobs"]["top_logprobs"][0])
+        return _as_topk(choice["logprobs"]["top_logprobs"][0], k)
 
     async def exact(self, ids: Sequence[int], candidates: Sequence[int]) -> Array:
         chunks = [list(candidates[i : i + MAX_NAMED_IDS]) for i in range(0, len(candidates), MAX_NAMED_IDS)]
@@ -313,24 +309,25 @@ class VllmSource(LogprobSource):
             for c in chunks))
         values: dict[int, float] = {}
         for choice in choices:
-            row = _as_topk(choice["logprobs"]["top_logprobs"][0])
+            row = _as_topk(choice["logprobs"]["top_logprobs"][0], 1)
             values.update(zip(row.ids, row.lps, strict=True))
-        missing = [c for c in candidates if c not in values]
-        if missing:
-            raise UpstreamError("protocol", f"expert {self.name} omitted log-probs for ids {missing[:5]}", 502)
-        return np.array([values[c] for c in candidates], dtype=np.float64)
+        return np.array([values.get(c, np.nan) for c in candidates], dtype=np.float64)
 
     async def draft(self, ids: Sequence[int], n: int, k: int) -> tuple[list[int], list[TopK]]:
         """Up to ``n`` greedy tokens in one call, each with the top-k it was chosen from."""
         choice = await self._complete({"prompt": list(ids), "max_tokens": n, "logprobs": k})
         lp = choice["logprobs"]
-        return [_token_id(t) for t in lp["tokens"]], [_as_topk(e) for e in lp["top_logprobs"]]
+        return [_token_id(t) for t in lp["tokens"]], [_as_topk(e, k) for e in lp["top_logprobs"]]
 
     async def score(self, ids: Sequence[int], tail: Sequence[int], k: int) -> list[TopK]:
-        """Top-k at each position of ``tail`` (with the tail token's exact log-prob) and after it."""
+        """Top-k at each position of ``tail``, each with the tail token's exact log-prob (prompt scoring)."""
         choice = await self._complete({"prompt": [*ids, *tail], "max_tokens": 1, "logprobs": k, "echo": True})
         rows = choice["logprobs"]["top_logprobs"]
-        return [_as_topk(e) for e in rows[len(ids) : len(ids) + len(tail) + 1]]
+        return [_as_topk(e, k) for e in rows[len(ids) : len(ids) + len(tail)]]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tokenizer) if self._tokenizer is not None else DEFAULT_VOCAB
 
     async def decode(self, ids: Sequence[int]) -> str:
         await self.ensure_ready()
