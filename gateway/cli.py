@@ -44,7 +44,9 @@ def _serve(args: argparse.Namespace) -> int:
                 self._captured_signals.remove(sig)
 
     Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                          timeout_graceful_shutdown=int(config.server.shutdown_grace_s) or None)).run()
+                          # Seconds as given: int() cut 1.5 to 1, and 0.5 to 0 -> None, i.e. no deadline at all.
+                          # uvicorn hints int, but hands it to asyncio.wait_for, which takes any number.
+                          timeout_graceful_shutdown=config.server.shutdown_grace_s)).run()  # type: ignore[arg-type]
     return 0
 
 

@@ -56,6 +56,16 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+# Values that ask for nothing: a backend that lacks a feature can still accept these.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "top_k": (-1, 0), "repetition_penalty": (1,), "response_format": ({"type": "text"},)}
+
+
+def _asks_for(body: dict[str, Any], field: str) -> bool:
+    value = body.get(field)
+    return value not in (None, False, 0, [], {}) and value not in _NEUTRAL.get(field, ())
+
+
 def _json_response(content: dict[str, Any], headers: dict[str, str], status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)
 
@@ -171,7 +181,7 @@ class Pipeline:
                 headers["x-octoroute-confidence"] = "1.0000"
                 headers["x-octoroute-route-ms"] = "0.000"
             self.metrics.route_decisions.labels(handle.name, mode).inc()
-            unsupported = sorted(f for f in handle.expert.unsupported if f in call.body)
+            unsupported = sorted(f for f in handle.expert.unsupported if _asks_for(call.body, f))
             if unsupported:
                 raise bad_request(f"expert {handle.name!r} ({handle.config.backend} backend) cannot honour "
                                   f"{', '.join(unsupported)}; remove the field or pin a vllm expert",

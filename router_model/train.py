@@ -263,7 +263,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                              {"params": rest, "weight_decay": 0.0}], lr=args.lr)
     rng = random.Random(args.seed)
     steps_per_epoch = -(-len(train_rows) // args.batch_size)
-    total = min(args.max_steps or 10**9, steps_per_epoch * args.epochs)
+    total = args.max_steps or steps_per_epoch * args.epochs  # --max-steps overrides --epochs
     warmup = min(100, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / (warmup + 1)) * max(0.0, (total - s) / max(1, total - warmup)))
@@ -347,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--max-turns", type=int, default=2, help="earlier turns kept before the latest user turn")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--max-steps", type=int, default=0)
+    ap.add_argument("--max-steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--weight-decay", type=float, default=0.01)

@@ -18,7 +18,7 @@ DEV = DEFAULT_DATA / "dev.jsonl"
 
 @pytest.fixture(scope="module")
 def router() -> FunctionalTokenRouter:
-    r = load_router(None, threads=2)
+    r = load_router(None, threads=1)
     assert isinstance(r, FunctionalTokenRouter)
     return r
 

@@ -90,14 +90,16 @@ def test_native_training_with_rewrites_end_to_end(tmp_path: Path) -> None:
     rows = [{**r, "rewrite": f"{r['label']} question"} for r in ROWS]
     data = write_jsonl(tmp_path / "rw.jsonl", rows)
     out = tmp_path / "ckpt"
-    train_main(["--train", str(data), "--dev", str(data), "--out", str(out), "--layers", "1", "--max-steps", "60",
-                "--eval-every", "60", "--batch-size", "10", "--lr", "2e-3", "--no-augment", "--mix", "0",
-                "--latency-n", "3", "--threads", "2", "--quiet", "--no-quantize"])
+    train_main(["--train", str(data), "--dev", str(data), "--out", str(out), "--layers", "1", "--freeze-blocks", "0",
+                "--max-steps", "60", "--eval-every", "60", "--batch-size", "10", "--lr", "2e-3", "--no-augment",
+                "--mix", "0", "--latency-n", "3", "--threads", "1", "--quiet", "--no-quantize"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rewrite"] is True and cfg["labels"] == ["code", "finance", "general", "legal", "math"]
     router = FunctionalTokenRouter.load(out, threads=1)
     target = router.codec.target(cfg["labels"].index("legal"), "legal question")
-    assert router.codec.tokenizer.decode(target) == "<nexa_3> ('legal question') <nexa_end>"
+    tokens = router.codec.tokenizer.convert_ids_to_tokens(target)
+    assert tokens[0] == "<nexa_3>" and tokens[-1] == "<nexa_end>"
+    assert parse_rewrite(router.codec.tokenizer.decode(target[1:-1])) == "legal question"
     res = router.route([Message("user", ROWS[0]["text"])])
     assert res.top[0] == "legal"
     assert res.rewrite == "legal question"
@@ -137,7 +139,7 @@ def test_hf_base_path_learns_labels_from_data_including_a_sixth_expert(tmp_path:
     out = tmp_path / "ckpt"
     train_main(["--base", str(base), "--train", str(data), "--dev", str(data), "--out", str(out),
                 "--max-steps", "80", "--eval-every", "40", "--patience", "5", "--batch-size", "12", "--lr", "3e-3",
-                "--no-augment", "--mix", "0", "--latency-n", "3", "--threads", "2", "--quiet"])
+                "--no-augment", "--mix", "0", "--latency-n", "3", "--threads", "1", "--quiet"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["arch"] == "hf" and len(cfg["labels"]) == 6 and "medical" in cfg["labels"]
     assert len(set(cfg["functional_token_ids"])) == 6 and cfg["end_token_id"] not in cfg["functional_token_ids"]
@@ -152,7 +154,7 @@ def test_route_batch_is_thread_safe(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     out = tmp_path / "ckpt"
     train_main(["--train", str(data), "--dev", str(data), "--out", str(out), "--layers", "1", "--max-steps", "2",
-                "--latency-n", "0", "--quiet"])
+                "--latency-n", "0", "--threads", "1", "--quiet"])
     router = FunctionalTokenRouter.load(out, threads=1)
     convs = [[Message("user", "earlier question"), Message("assistant", "ok"), Message("user", r["text"])]
              for r in ROWS]

@@ -27,9 +27,16 @@ async def read_json(request: Request, limit: int) -> Any:
     if not body:
         raise bad_request("Request body is empty; send a JSON object.")
     try:
-        return orjson.loads(body)  # rejects invalid UTF-8 and deeply nested documents too
+        data = orjson.loads(body)  # rejects invalid UTF-8 and documents nested over 1,024 levels
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"Request body is not valid JSON: {exc}") from None
+    try:
+        # orjson re-encodes at most 254 levels, and the cache key / upstream body wrap the request in a few
+        # more: refuse here what the gateway could not forward (else a 500 later, e.g. a deep `tools` schema).
+        orjson.dumps([[[[data]]]])
+    except orjson.JSONEncodeError:
+        raise bad_request("Request body is nested too deeply.") from None
+    return data
 
 
 def parse(model: type[M], data: Any) -> M:

@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
 
 from gateway.config import DEMO_DOMAINS
 
@@ -138,7 +139,9 @@ def _train_model(cfg: Qwen2Config, ids: torch.Tensor, bar: tqdm) -> Qwen2ForCaus
 def build_demo_experts(out_dir: Path, data: Path | None = None, progress: bool = True) -> None:
     """Train the shared tokenizer and one model per domain into ``out_dir/<domain>`` (overwrites)."""
     texts = _load(data or DEFAULT_DATA)
-    threads = torch.get_num_threads()
+    threads, hf_bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()  # transformers' own "Writing model shards" bars
     # One thread: on small shared CI machines two threads ran up to 10x slower when another job ran.
     torch.set_num_threads(1)
     try:
@@ -163,6 +166,8 @@ def build_demo_experts(out_dir: Path, data: Path | None = None, progress: bool =
                 )
     finally:
         torch.set_num_threads(threads)
+        if hf_bars:
+            hf_logging.enable_progress_bar()
     (out_dir / MARKER).write_text(
         json.dumps({"version": DEMO_VERSION, "domains": list(DEMO_DOMAINS)}) + "\n", encoding="utf-8"
     )

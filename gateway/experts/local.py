@@ -97,6 +97,10 @@ def _text_content(content: Any) -> str:
 class LocalExpert(Expert):
     """Serves a local Hugging Face model directory (``backend: local``) in this process, float32 on CPU."""
 
+    unsupported = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs",
+                             "top_logprobs", "echo", "suffix", "presence_penalty", "frequency_penalty",
+                             "repetition_penalty", "top_k", "min_p"})
+
     def __init__(self, config: ExpertConfig) -> None:
         path = Path(config.path or "")
         if not (path / "config.json").is_file():
@@ -125,7 +129,7 @@ class LocalExpert(Expert):
         text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may edit the returned tensor in place
     def next_token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         """Full-vocabulary log-softmax (float32) of the token after ``token_ids``. Blocking: call it
         from a thread. Safe beside a running generation, which keeps its own KV cache."""
@@ -173,7 +177,7 @@ class LocalExpert(Expert):
         if body.get("logit_bias"):
             bias = torch.zeros(self.model.config.vocab_size)
             for key, value in body["logit_bias"].items():
-                if not 0 <= int(key) < len(bias):
+                if not (str(key).isdigit() and int(key) < len(bias)):
                     raise _bad_request(f"logit_bias token id {key} out of range", "logit_bias")
                 bias[int(key)] = float(value)
         temperature, top_p = body.get("temperature"), body.get("top_p")
@@ -209,7 +213,9 @@ class LocalExpert(Expert):
         detok = Detokenizer(self.tokenizer, prompt_ids)
         text, sent, cache = "", 0, DynamicCache()
         inputs = torch.tensor([prompt_ids])
-        while out.completion_tokens < p.max_tokens and not (cancel.is_set() or self._closing.is_set()):
+        while out.completion_tokens < p.max_tokens and not cancel.is_set():
+            if self._closing.is_set():
+                raise UpstreamError("internal", f"expert {self.name} shut down", 503, before_first_byte=False)
             logits = self.model(input_ids=inputs, use_cache=True, **{self._cache_arg: cache}).logits
             token = self._pick(logits[0, -1], p, gen)
             out.completion_tokens += 1
@@ -259,6 +265,8 @@ class LocalExpert(Expert):
         try:
             while isinstance(item := await queue.get(), str):
                 yield item
+            if isinstance(item, UpstreamError):
+                raise item
             if item is not None:
                 raise UpstreamError("internal", f"local generation failed: {item!r}", 500,
                                     before_first_byte=before_first_byte) from item
@@ -319,5 +327,6 @@ class LocalExpert(Expert):
         return not self._closing.is_set()
 
     async def aclose(self) -> None:
+        """Running and queued generations end with a 503 at their next token; nothing is left waiting."""
         self._closing.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False)

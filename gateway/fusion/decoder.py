@@ -3,9 +3,12 @@
 Two paths:
 
 * one step per token (sampling, dlf, and any set with a ``local`` expert): every expert's top-k in
-  parallel, then exact log-probs for the union in parallel (free for exact local rows), fuse, choose;
+  parallel, then exact log-probs for the union in parallel (free for exact local rows), fuse, choose.
+  Greedy weighted steps skip the second round trip when the top-k lists already prove the winner;
 * greedy speculative fusion (weighted, temperature 0, every expert ``vllm``): the heaviest expert drafts
-  up to ``draft_tokens`` greedy tokens in one call, the others score the draft in one ``echo`` call each,
+  several greedy tokens in one call (``draft_tokens`` at first; doubled after a fully accepted draft up to
+  ``MAX_DRAFT``, halved after a rejection; after a draft rejected at its first token, single steps until
+  the fused choice is the leader's own again), the others score the draft in one ``echo`` call each,
   and a drafted token is accepted while ``certain_winner`` proves it is the fused argmax. At the first
   token it cannot prove, the exact log-probs of the union at that position decide it (one more round).
   Both paths pick the same greedy tokens: speculation only saves round trips.
@@ -34,6 +37,10 @@ log = logging.getLogger("octoroute.fusion")
 Mode = Literal["weighted", "dlf"]
 T = TypeVar("T")
 DEFAULT_MAX_TOKENS = {"chat": 512, "completions": 16}  # OpenAI's completions default; chat: a sane cap
+MAX_DRAFT = 64
+# Top-k asked of verifiers: echo scoring returns it for every prompt position, so it is kept small; a
+# tighter bound only matters when experts disagree, and then the exact step decides anyway.
+SCORE_K = 2
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias", "logprobs",
                "top_logprobs", "echo", "suffix", "frequency_penalty", "presence_penalty")
 
@@ -84,6 +91,7 @@ class FusedDecoder:
     def __init__(self, members: Sequence[tuple[LogprobSource, float]], *, mode: Mode = "weighted", top_k: int = 20,
                  bases: tuple[LogprobSource, LogprobSource] | None = None, hooks: FusionHooks | None = None,
                  draft_tokens: int = 8) -> None:
+        """``draft_tokens`` = 0 turns greedy speculation off (one fused step per token)."""
         if not members:
             raise ValueError("fusion needs at least one expert")
         if mode == "dlf" and bases is None:
@@ -94,6 +102,10 @@ class FusedDecoder:
         self.top_k = top_k
         self.hooks = hooks or FusionHooks()
         self.draft_tokens = draft_tokens
+        self._draft = draft_tokens  # adapts: doubles after a fully accepted draft, halves after a rejection
+        self._paused = False  # after a draft rejected at its first token: single steps until the leader wins one
+        # The leader's next draft, started while the current one is verified: (ids, leader, size, task).
+        self._ahead: tuple[list[int], Member, int, asyncio.Future[tuple[list[int], list[TopK]]]] | None = None
         self.dropped: list[str] = []
         self.rng = np.random.default_rng()
 
@@ -168,6 +180,10 @@ class FusedDecoder:
         return choice.fused[:-1] if with_rest else choice.fused
 
     async def _decide(self, ids: list[int], rows: dict[Member, TopK], params: Params) -> int:
+        if self.mode == "weighted" and params.temperature <= 0 and any(r.full is None for r in rows.values()):
+            token = self._certified(list(rows.items()))
+            if token is not None:  # the top-k lists already prove the greedy choice: no exact round trip
+                return token
         members, lps, cand = await self._exact_rows(ids, rows)
         if not any(m in self.members for m in members):
             raise UpstreamError("internal", "no fused expert left", 502, before_first_byte=False)
@@ -177,11 +193,15 @@ class FusedDecoder:
 
     async def _step(self, ids: list[int], params: Params) -> list[int]:
         rows = await self._gather(self._everyone, lambda m: m.source.top(ids, self.top_k))
-        return [await self._decide(ids, rows, params)]
+        token = await self._decide(ids, rows, params)
+        leader = max(self.members, key=lambda m: m.weight)
+        if leader in rows and rows[leader].ids[int(np.argmax(rows[leader].lps))] == token:
+            self._paused = False  # the leader's own choice won again: worth drafting from it
+        return [token]
 
     # -- greedy speculative fusion --------------------------------------------------------------------
     def _speculative(self, params: Params) -> bool:
-        return (self.mode == "weighted" and params.temperature <= 0 and len(self.members) > 1
+        return (self.draft_tokens > 0 and self.mode == "weighted" and params.temperature <= 0 and len(self.members) > 1
                 and all(isinstance(m.source, VllmSource) for m in self.members))
 
     def _certain(self, token: int, rows: list[tuple[Member, TopK]]) -> bool:
@@ -194,30 +214,61 @@ class FusedDecoder:
         bounds = np.array([r.bound for _, r in rows])
         return fm.certain_winner(lps, known, bounds, [m.weight for m, _ in rows], cand.index(token))
 
+    def _certified(self, rows: list[tuple[Member, TopK]]) -> int | None:
+        """The best candidate known exactly in every row, if ``certain_winner`` proves it the fused argmax."""
+        common = set.intersection(*(set(r.ids) for _, r in rows))
+        if not common:
+            return None
+        weights = fm.normalise_weights([m.weight for m, _ in rows])
+        best = max(sorted(common),
+                   key=lambda c: sum(w * (r.get(c) or 0.0) for w, (_, r) in zip(weights, rows, strict=True)))
+        return best if self._certain(best, rows) else None
+
     async def _round(self, ids: list[int], params: Params, budget: int) -> list[int]:
         leader = max(self.members, key=lambda m: m.weight)
-        drafted = await self._gather([leader], lambda m: _remote(m).draft(ids, min(self.draft_tokens, budget),
-                                                                          self.top_k))
+        size = min(self._draft, budget)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and (ahead[0] != ids or ahead[1] is not leader or ahead[2] != size):
+            ahead[3].cancel()
+            ahead = None
+        pending = ahead[3] if ahead else asyncio.ensure_future(_remote(leader).draft(ids, size, self.top_k))
+        drafted = await self._gather([leader], lambda m: pending)
         if leader not in drafted:
             return []  # the leader was dropped; the next round drafts from another expert
         tokens, leader_rows = drafted[leader]
         others = [m for m in self.members if m is not leader]
+        next_size = min(self._draft * 2, MAX_DRAFT, budget - len(tokens))
+        if len(tokens) == size and next_size > 0 and others:  # bet that the draft is accepted: draft on now
+            nxt = [*ids, *tokens]
+            task = asyncio.ensure_future(_remote(leader).draft(nxt, next_size, self.top_k))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception not retrieved"
+            self._ahead = (nxt, leader, next_size, task)
         scored: dict[Member, list[TopK]] = await self._gather(
-            others, lambda m: _remote(m).score(ids, tokens, self.top_k))
+            others, lambda m: _remote(m).score(ids, tokens, SCORE_K))
         accepted: list[int] = []
         for j, token in enumerate(tokens):
             rows = [(leader, leader_rows[j]), *((m, s[j]) for m, s in scored.items())]
             if self._certain(token, rows):
                 accepted.append(token)
                 continue
-            prefix = [*ids, *accepted]
-            accepted.append(await self._decide(prefix, dict(rows), params))
-            break
+            self.cancel_lookahead()
+            accepted.append(await self._decide([*ids, *accepted], dict(rows), params))
+            self._draft = max(2, self._draft // 2)
+            self._paused = j == 0
+            return accepted
+        if len(tokens) == size:
+            self._draft = min(self._draft * 2, MAX_DRAFT)
         return accepted
+
+    def cancel_lookahead(self) -> None:
+        """Drop the draft started ahead of verification (rejected draft, or the request ended)."""
+        if self._ahead is not None:
+            self._ahead[3].cancel()
+            self._ahead = None
 
     async def next_tokens(self, ids: list[int], params: Params, budget: int) -> list[int]:
         """One or more next tokens (several when a speculative round accepts a draft)."""
-        if self._speculative(params):
+        if self._speculative(params) and not self._paused:
             return await self._round(ids, params, budget)
         return await self._step(ids, params)
 
@@ -236,14 +287,21 @@ class FusedDecoder:
         self.rng = np.random.default_rng(params.seed)
         prompt = await self._first(lambda s: s.prompt_ids(endpoint, body))
         chunks = _Chunks(endpoint, str(body.get("model") or "fusion"))
+        if endpoint == "chat":
+            yield chunks.make({"role": "assistant", "content": ""})
+        try:
+            async for chunk in self._decode_loop(prompt, params, chunks):
+                yield chunk
+        finally:
+            self.cancel_lookahead()
+
+    async def _decode_loop(self, prompt: list[int], params: Params, chunks: _Chunks) -> AsyncIterator[JSON]:
         eos = set().union(*(m.source.eos_ids for m in self._everyone))
         generated: list[int] = []
         sent = ""
         hold = max((len(s) for s in params.stop), default=1) - 1
         finish: str | None = None
         eos_hit = False
-        if endpoint == "chat":
-            yield chunks.make({"role": "assistant", "content": ""})
         while finish is None:
             started = time.perf_counter()
             try:

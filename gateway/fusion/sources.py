@@ -61,7 +61,7 @@ class TopK:
 
     ids: list[int]
     lps: list[float]
-    bound: float  # no id outside ``ids`` has a larger log-prob (-inf when the full row is known)
+    bound: float  # no id outside ``ids`` has a larger log-prob
     full: Array | None = None
 
     def get(self, token: int) -> float | None:
@@ -139,9 +139,12 @@ def _completion_prompt(prompt: Any) -> str | list[int]:
 
 @runtime_checkable
 class LocalModel(Protocol):
-    """What a ``local`` expert offers fusion (``gateway/experts/local.py``)."""
+    """What a ``local`` expert (``gateway/experts/local.py``) offers fusion."""
 
-    def next_token_logprobs(self, ids: Sequence[int]) -> Any: ...
+    tokenizer: Any
+    eos_ids: set[int]
+
+    def next_token_logprobs(self, token_ids: list[int]) -> Any: ...
 
     def tokenize_chat(self, messages: list[JSON]) -> list[int]: ...
 
@@ -153,14 +156,8 @@ class LocalSource(LogprobSource):
         super().__init__(expert)
         assert isinstance(expert, LocalModel)
         self.model: LocalModel = expert
-        path = Path(str(getattr(getattr(expert, "config", None), "path", "") or ""))
-        tokenizer = getattr(expert, "tokenizer", None)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_from_dir(path) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.tokenizer = expert.tokenizer
+        self.eos_ids = set(expert.eos_ids)
 
     async def _compute_fingerprint(self) -> str:
         text_ids = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
@@ -177,7 +174,7 @@ class LocalSource(LogprobSource):
         raw = await asyncio.to_thread(self.model.next_token_logprobs, list(ids))
         full = np.asarray(raw.float().numpy() if hasattr(raw, "numpy") else raw, dtype=np.float64).reshape(-1)
         best = np.argsort(-full, kind="stable")[:k]
-        return TopK([int(i) for i in best], [float(full[i]) for i in best], float("-inf"), full)
+        return TopK([int(i) for i in best], [float(full[i]) for i in best], float(full[best[-1]]), full)
 
     async def exact(self, ids: Sequence[int], candidates: Sequence[int]) -> Array:
         row = await self.top(ids, 1)

@@ -1,0 +1,262 @@
+"""Redis killed, restarted, slow and corrupt while traffic flows (a private redis-server per test).
+
+Requests must keep succeeding (cache bypass, counted in metrics), the cache must work again once Redis is
+back, no answer may ever be served for the wrong request, and a damaged entry is never served.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from router_model import KeywordRouter
+from tests.harness import Upstream, run_gateway, scripted_upstream, vllm_expert_config
+from tests.reliability.common import (
+    RedisServer,
+    assert_complete_stream,
+    metric,
+    poll,
+    private_redis,
+    scrape,
+)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    with scripted_upstream("general") as up:
+        yield up
+
+
+@pytest.fixture
+def rds() -> Iterator[RedisServer]:
+    with private_redis() as server:
+        yield server
+
+
+def _config(up: Upstream, rds: RedisServer, timeout_ms: int = 1000, **auth: Any) -> dict[str, Any]:
+    """``timeout_ms``: short where the test is about a slow or dead Redis; else generous, so that a loaded CI
+    machine cannot turn an expected hit or miss into a bypass."""
+    return {"experts": [vllm_expert_config("general", up)],
+            "cache": {"backend": "redis", "url": rds.url, "timeout_ms": timeout_ms, "key_prefix": "rel"},
+            "auth": {"api_keys_env": None, **auth}}
+
+
+def _ask(url: str, i: int, stream: bool, headers: dict[str, str] | None = None) -> tuple[str, str]:
+    """One deterministic request for prompt ``i``; returns (cache header, answer text), checking the answer."""
+    prompt = f"name colour number {i}"
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=15, headers=headers or {},
+                   json={"model": "auto", "temperature": 0, "stream": stream,
+                         "messages": [{"role": "user", "content": prompt}]})
+    assert r.status_code == 200, r.text
+    text = assert_complete_stream(r.text) if stream else r.json()["choices"][0]["message"]["content"]
+    assert text == f"general: {prompt}", f"answer for another request served: {text!r} for {prompt!r}"
+    return r.headers["x-octoroute-cache"], text
+
+
+@dataclass
+class Traffic:
+    """Background clients cycling over a few prompts (so there are hits), bounded in count and time."""
+
+    url: str
+    clients: int = 4
+    max_requests: int = 3000
+    max_seconds: float = 40
+    stop: threading.Event = field(default_factory=threading.Event)
+    results: list[tuple[float, str, float]] = field(default_factory=list)  # (finished at, cache header, seconds)
+    failures: list[str] = field(default_factory=list)
+
+    def _client(self, n: int) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        i = 0
+        while not self.stop.is_set() and time.monotonic() < deadline and len(self.results) < self.max_requests:
+            started = time.monotonic()
+            try:
+                header, _ = _ask(self.url, (n * 7 + i) % 12, stream=i % 2 == 0)
+            except Exception as exc:
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+                header = "failed"
+            self.results.append((time.monotonic(), header, time.monotonic() - started))
+            i += 1
+
+    def __enter__(self) -> Traffic:
+        self.pool = ThreadPoolExecutor(self.clients)
+        self.futures = [self.pool.submit(self._client, n) for n in range(self.clients)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for f in self.futures:
+            f.result(timeout=60)
+        self.pool.shutdown()
+
+    def count(self, header: str, since: float = 0.0) -> int:
+        return sum(1 for t, h, _ in list(self.results) if h == header and t >= since)
+
+    def assert_not_stalled(self, since: float, until: float) -> None:
+        """Requests in the window did not wait on Redis: median well under a second, none near a timeout.
+
+        (Generous bounds: 2 shared cores; a request stuck behind Redis retries or a missing deadline takes
+        seconds every time, which the median catches.)"""
+        took = sorted(s for t, _, s in self.results if since <= t <= until)
+        assert len(took) >= 10, took
+        median, slowest = took[len(took) // 2], took[-1]
+        assert median < 0.5 and slowest < 5, f"median {median:.2f}s, slowest {slowest:.2f}s"
+
+
+def test_redis_killed_and_restarted_while_traffic_flows(upstream: Upstream, rds: RedisServer) -> None:
+    with run_gateway(_config(upstream, rds, timeout_ms=100), router=KeywordRouter(["general"])) as url, \
+            Traffic(url) as traffic:
+        poll(lambda: traffic.count("hit") >= 20, 20, "cache hits before the outage")
+        rds.kill()
+        killed = time.monotonic()
+        poll(lambda: traffic.count("bypass", since=killed) >= 30, 20, "requests served while Redis is down")
+        down = scrape(url)
+        assert metric(down, "octoroute_cache_total", result="error") >= 1
+        assert metric(down, "octoroute_cache_total", result="bypass") >= 30
+        rds.start()  # same port, empty
+        back = time.monotonic()
+        traffic.assert_not_stalled(killed, back)
+        poll(lambda: traffic.count("hit", since=back) >= 20, 20, "cache hits again after Redis came back")
+    assert traffic.failures == [], traffic.failures[:5]
+    assert rds.client().keys("rel:resp:*"), "nothing stored after Redis came back"
+
+
+@pytest.mark.parametrize("how", ["debug_sleep", "client_pause"])
+def test_slow_redis_is_bypassed_then_used_again(upstream: Upstream, rds: RedisServer, how: str) -> None:
+    with run_gateway(_config(upstream, rds, timeout_ms=100), router=KeywordRouter(["general"])) as url, \
+            Traffic(url, clients=6) as traffic:
+        poll(lambda: traffic.count("hit") >= 20, 20, "cache hits before Redis slows down")
+        errors_before = metric(scrape(url), "octoroute_cache_total", result="error")
+        slow = time.monotonic()
+        blocker = rds.client()
+        if how == "debug_sleep":  # the server itself stalls for 2 s (the call blocks until then)
+            sleeper = threading.Thread(target=blocker.execute_command, args=("DEBUG", "SLEEP", "2"))
+            sleeper.start()
+        else:
+            blocker.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+            sleeper = None
+        # requests keep finishing while Redis is stalled (a stall would hold them all until it recovers)
+        poll(lambda: traffic.count("bypass", since=slow) >= 5, 1.8, "requests answered while Redis is stalled")
+        if sleeper is not None:
+            sleeper.join(timeout=10)
+        else:
+            time.sleep(max(0.0, slow + 2.0 - time.monotonic()))  # until the pause ends
+        traffic.assert_not_stalled(slow, slow + 2.0)
+        recovered = time.monotonic() + 0.1
+        poll(lambda: traffic.count("hit", since=recovered) >= 20, 20, "cache hits after Redis recovered")
+        assert metric(scrape(url), "octoroute_cache_total", result="error") > errors_before
+    assert traffic.failures == [], traffic.failures[:5]
+
+
+def test_cancelled_redis_calls_never_serve_another_requests_answer(upstream: Upstream, rds: RedisServer) -> None:
+    """Timeouts cancel Redis calls mid-flight; a connection must not hand one key's reply to the next GET.
+
+    Many distinct prompts, Redis paused repeatedly at random moments; every answer must match its prompt
+    (``_ask`` checks) — cached or not."""
+    with run_gateway(_config(upstream, rds, timeout_ms=100), router=KeywordRouter(["general"])) as url:
+        for i in range(24):
+            _ask(url, i, stream=False)  # warm: 24 distinct entries
+        stop = threading.Event()
+        failures: list[str] = []
+
+        def client(n: int) -> None:
+            for i in range(40):
+                if stop.is_set():
+                    return
+                try:
+                    _ask(url, (n * 13 + i) % 24, stream=i % 3 == 0)
+                except Exception as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client, n) for n in range(8)]
+            blocker = rds.client()
+            for pause_ms in (30, 45, 60, 80, 40, 55, 70, 35):
+                blocker.execute_command("CLIENT", "PAUSE", str(pause_ms), "ALL")
+                time.sleep(0.15)
+            stop.set()
+            for f in futures:
+                f.result(timeout=60)
+        assert failures == [], failures[:5]
+        text = scrape(url)
+        assert metric(text, "octoroute_cache_total", result="error") >= 1  # calls really were cut off
+        assert metric(text, "octoroute_cache_total", result="hit") >= 1
+
+
+def _only_entry(rds: RedisServer) -> bytes:
+    keys = rds.client().keys("rel:resp:*")
+    assert len(keys) == 1, keys
+    return bytes(keys[0])
+
+
+def _flip(blob: bytes) -> bytes:
+    i = len(blob) - 20
+    return blob[:i] + bytes([blob[i] ^ 0x01]) + blob[i + 1:]
+
+
+DAMAGE = {
+    "truncated": lambda b: b[: len(b) // 2],
+    "one bit flipped": _flip,
+    "empty": lambda b: b"",
+    "no checksum": lambda b: b.partition(b"|")[2],
+    "garbage": lambda b: b"\x00\xff" * 50,
+    "checksum only": lambda b: b.partition(b"|")[0] + b"|",
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+def test_damaged_entry_is_never_served(upstream: Upstream, rds: RedisServer, damage: str, stream: bool) -> None:
+    with run_gateway(_config(upstream, rds), router=KeywordRouter(["general"])) as url:
+        assert _ask(url, 1, stream=False)[0] == "miss"
+        key = _only_entry(rds)
+        client = rds.client()
+        client.set(key, DAMAGE[damage](client.get(key) or b""))
+        before = upstream.stats()["requests"]
+        header, _ = _ask(url, 1, stream=stream)  # the answer is checked against the prompt
+        assert header == "miss" and upstream.stats()["requests"] == before + 1
+        assert _ask(url, 1, stream=not stream)[0] == "hit"  # stored whole again
+        assert orjson.loads(client.get(key).partition(b"|")[2])["choices"][0]["message"]["content"] == \
+            "general: name colour number 1"
+
+
+def test_wrong_redis_type_at_the_key_is_a_bypass_not_an_error(upstream: Upstream, rds: RedisServer) -> None:
+    with run_gateway(_config(upstream, rds), router=KeywordRouter(["general"])) as url:
+        _ask(url, 2, stream=False)
+        key = _only_entry(rds)
+        client = rds.client()
+        client.delete(key)
+        client.rpush(key, b"not a string")
+        for stream in (False, True):
+            assert _ask(url, 2, stream=stream)[0] in ("bypass", "miss")
+
+
+def test_rate_limiter_survives_redis_outage_without_stalling(upstream: Upstream, rds: RedisServer) -> None:
+    """The per-key limit is Redis-backed with the Redis cache; Redis down must not slow or fail requests."""
+    import os
+
+    os.environ["REL_KEYS_OUTAGE"] = "key-one,key-two"
+    try:
+        cfg = _config(upstream, rds, timeout_ms=100, api_keys_env="REL_KEYS_OUTAGE", rate_limit_per_minute=10_000)
+        with run_gateway(cfg, router=KeywordRouter(["general"])) as url:
+            headers = {"authorization": "Bearer key-one"}
+            _ask(url, 3, stream=False, headers=headers)
+            assert rds.client().keys("rel:rl:*"), "the limiter should count in Redis"
+            rds.kill()
+            for i in range(10):
+                started = time.monotonic()
+                _ask(url, 3, stream=i % 2 == 0, headers=headers)
+                took = time.monotonic() - started
+                assert took < 1.0, f"request {i} took {took:.2f}s with Redis down"
+            rds.start()
+            poll(lambda: _ask(url, 3, stream=False, headers=headers)[0] == "hit", 10, "cache back after outage")
+    finally:
+        del os.environ["REL_KEYS_OUTAGE"]
