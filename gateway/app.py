@@ -29,6 +29,8 @@ from router_model import Router
 
 log = logging.getLogger("octoroute.app")
 BODY_MODELS = (ChatCompletionRequest, CompletionRequest, RouteRequest)
+ENDPOINT_LABELS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/route": "route",
+                   "/v1/models": "models"}
 
 
 class RequestIdMiddleware:
@@ -80,6 +82,13 @@ def create_app(config: GatewayConfig, router: Router | None = None, experts: dic
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> Response:
+        """Refusals at the edge (401, 413, 400, 429 ...): counted and logged like answered requests."""
+        state: State | None = getattr(request.app.state, "octoroute", None)
+        endpoint = ENDPOINT_LABELS.get(request.url.path, "other")
+        if state is not None:
+            state.metrics.requests.labels("none", "-", endpoint, str(exc.status)).inc()
+        log.info("refused", extra={"request_id": getattr(request.state, "request_id", None), "endpoint": endpoint,
+                                   "status": exc.status, "code": exc.code})
         return error_response(exc)
 
     @app.exception_handler(HTTPException)

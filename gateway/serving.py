@@ -366,10 +366,23 @@ class Pipeline:
         gauge = self.metrics.in_flight.labels(handle.name)
         gauge.inc()
         upstream = handle.expert.stream(call.endpoint, self._upstream_body(call, handle))
+
+        async def prime() -> bytes | None:
+            try:
+                return await anext(upstream)
+            except StopAsyncIteration:
+                return None
+
         try:
-            first = await anext(upstream)
-        except StopAsyncIteration:
-            first = None
+            # Watch the client while the expert is silent: one that leaves before the first token must
+            # free the expert at once (cancelling the upstream call), not when the first token comes.
+            first = await self._unless_client_leaves(call, prime())
+        except ClientGone:
+            handle.in_flight -= 1
+            gauge.dec()
+            handle.breaker.release_probe()
+            await upstream.aclose()  # type: ignore[attr-defined]
+            return Response(status_code=499)
         except UpstreamError as err:
             handle.in_flight -= 1
             gauge.dec()

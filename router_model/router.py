@@ -140,6 +140,10 @@ class FunctionalTokenRouter:
             lm = quantize_int8(lm)
         return cls(lm, codec_from_config(tok, cfg), cfg, threads)
 
+    def _threads(self) -> None:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+
     def _encode(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
         parts = [split_conversation(c, self.max_turns) for c in conversations]
         return self.codec.prompts([q for q, _ in parts], [c for _, c in parts])
@@ -158,7 +162,7 @@ class FunctionalTokenRouter:
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
         """Uncalibrated logits for single-turn queries (what temperature fitting needs)."""
         with self._lock:
-            torch.set_num_threads(self.threads)
+            self._threads()
             return self._answer_logits(self.codec.prompts(list(texts)))
 
     def route_batch(self, conversations: Sequence[Sequence[Message]]) -> list[RouteResult]:
@@ -166,7 +170,7 @@ class FunctionalTokenRouter:
             return []
         with self._lock:  # also around tokenisation: HF fast tokenizers can raise "Already borrowed" concurrently
             prompts = self._encode(conversations)
-            torch.set_num_threads(self.threads)
+            self._threads()
             t0 = time.perf_counter()
             logits = self._answer_logits(prompts)
             ms = (time.perf_counter() - t0) * 1000 / len(prompts)

@@ -101,9 +101,12 @@ async def test_stop_strings_cut_the_text(experts: dict[str, LocalExpert]) -> Non
     full, _, _, _ = await collect(chosen, "chat", body)
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert len(stop) == 3 and stop.strip()
-    text, finish, _, _ = await collect(chosen, "chat", body | {"stop": [stop, "never-there"]})
+    text, finish, last, _ = await collect(chosen, "chat", body | {"stop": [stop, "never-there"]})
     assert finish == "stop"
     assert text == full[: full.index(stop)]
+    ids = reference(chosen, experts["math"].tokenize_chat(PROMPTS[0]), 24)
+    through_stop = next(n for n in range(1, 25) if stop in experts["math"].tokenizer.decode(ids[:n]))
+    assert last["usage"]["completion_tokens"] == through_stop
 
 
 async def test_seeded_sampling_is_reproducible(experts: dict[str, LocalExpert]) -> None:

@@ -96,6 +96,8 @@ async def test_greedy_agreement_with_exact_local_fusion(servers: dict[str, Any],
             if want in eos:
                 break
             seq.append(want)
+    # Same tokenizer through /tokenize and in-process: one fingerprint, so the two backends may be fused.
+    assert await local[0][0].fingerprint() == await sources(remote)[0][0].fingerprint()
     print(f"\ngreedy agreement over {total} tokens: {agree}")
     assert total >= 100
     assert all(a / total >= 0.99 for a in agree.values()), agree
@@ -111,6 +113,25 @@ async def test_greedy_agreement_with_exact_local_fusion(servers: dict[str, Any],
             texts.append("".join(parts))
         same += texts[0] == texts[1]
     assert same >= len(PROMPTS) - 1, f"only {same}/{len(PROMPTS)} streamed answers identical"
+    for e, _ in remote:
+        await e.aclose()
+
+
+async def test_stop_strings_through_speculative_rounds(servers: dict[str, Any],
+                                                      local: list[tuple[LogprobSource, float]]) -> None:
+    remote = remote_experts(servers)
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": PROMPTS[1]}], "temperature": 0,
+                            "max_tokens": 40}
+    full = "".join([c["choices"][0]["delta"].get("content") or "" async for c in FusedDecoder(local).stream(
+        "chat", body) if c["choices"]])
+    stop = full[25:29]
+    answers = []
+    for decoder in (FusedDecoder(local), FusedDecoder(sources(remote))):
+        chunks = [c async for c in decoder.stream("chat", body | {"stop": stop})]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        answers.append((text, chunks[-2]["choices"][0]["finish_reason"], chunks[-1]["usage"]))
+    assert answers[0][0] == full[: full.index(stop)] and answers[0][1] == "stop"
+    assert answers[1] == answers[0]  # same text, finish reason and token count through multi-token rounds
     for e, _ in remote:
         await e.aclose()
 

@@ -111,3 +111,16 @@ def test_valid_request_passes_sampling_fields_through(setup: tuple[str, Upstream
     sent = up.stats()["last_body"]
     assert sent["temperature"] == 0.3 and sent["top_k"] == 5 and sent["seed"] == 7
     assert sent["model"] == "general"
+
+
+def test_strict_types_like_openai(setup: tuple[str, Upstream]) -> None:
+    url, _ = setup
+    for bad in ({"temperature": True}, {"temperature": "0.5"}, {"max_tokens": "5"}, {"stream": "yes"}):
+        _assert_openai_error(_post(url, json={"model": "auto", "messages": MSG, **bad}), 400, next(iter(bad)))
+
+
+def test_edge_refusals_are_counted(setup: tuple[str, Upstream]) -> None:
+    url, _ = setup
+    _post(url, b"{broken")
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'octoroute_requests_total{endpoint="chat",expert="none",model="-",status="400"}' in metrics

@@ -1,6 +1,7 @@
 """Wire-format pieces shared by /v1/chat/completions and /v1/completions.
 
-Validated at the edge: unknown fields are refused (as OpenAI does), NaN/inf are refused, and
+Validated at the edge, strictly (no ``"0.5"`` or ``true`` for a number, as OpenAI refuses them): unknown
+fields are refused (as OpenAI does), NaN/inf are refused, and
 parameters the gateway cannot honour (``n > 1``, batched prompts) are refused with a clear message.
 """
 
@@ -12,12 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None

@@ -6,9 +6,10 @@ Two paths:
   parallel, then exact log-probs for the union in parallel (free for exact local rows), fuse, choose.
   Greedy weighted steps skip the second round trip when the top-k lists already prove the winner;
 * greedy speculative fusion (weighted, temperature 0, every expert ``vllm``): the heaviest expert drafts
-  several greedy tokens in one call (``draft_tokens`` at first; doubled after a fully accepted draft up to
-  ``MAX_DRAFT``, halved after a rejection; after a draft rejected at its first token, single steps until
-  the fused choice is the leader's own again), the others score the draft in one ``echo`` call each,
+  several greedy tokens in one call (``draft_tokens`` at first; doubled after a fully accepted draft up
+  to ``MAX_DRAFT``, halved down to ``MIN_DRAFT`` after a rejection; after a draft rejected at its first
+  token, single steps until the fused choice is the leader's own again), the others score the draft in
+  one ``echo`` call each (the leader drafts on meanwhile, betting on acceptance),
   and a drafted token is accepted while ``certain_winner`` proves it is the fused argmax. At the first
   token it cannot prove, the exact log-probs of the union at that position decide it (one more round).
   Both paths pick the same greedy tokens: speculation only saves round trips.
@@ -37,7 +38,8 @@ log = logging.getLogger("octoroute.fusion")
 Mode = Literal["weighted", "dlf"]
 T = TypeVar("T")
 DEFAULT_MAX_TOKENS = {"chat": 512, "completions": 16}  # OpenAI's completions default; chat: a sane cap
-MAX_DRAFT = 64
+# A drafted token costs ~1/20 of a round trip on CPU, so drafts stay long even after rejections.
+MIN_DRAFT, MAX_DRAFT = 8, 128
 # Top-k asked of verifiers: echo scoring returns it for every prompt position, so it is kept small; a
 # tighter bound only matters when experts disagree, and then the exact step decides anyway.
 SCORE_K = 2
@@ -90,7 +92,7 @@ class FusedDecoder:
 
     def __init__(self, members: Sequence[tuple[LogprobSource, float]], *, mode: Mode = "weighted", top_k: int = 20,
                  bases: tuple[LogprobSource, LogprobSource] | None = None, hooks: FusionHooks | None = None,
-                 draft_tokens: int = 8) -> None:
+                 draft_tokens: int = 16) -> None:
         """``draft_tokens`` = 0 turns greedy speculation off (one fused step per token)."""
         if not members:
             raise ValueError("fusion needs at least one expert")
@@ -253,7 +255,7 @@ class FusedDecoder:
                 continue
             self.cancel_lookahead()
             accepted.append(await self._decide([*ids, *accepted], dict(rows), params))
-            self._draft = max(2, self._draft // 2)
+            self._draft = max(MIN_DRAFT, self._draft // 2)
             self._paused = j == 0
             return accepted
         if len(tokens) == size:
@@ -303,6 +305,7 @@ class FusedDecoder:
         finish: str | None = None
         eos_hit = False
         while finish is None:
+            before = len(generated)
             started = time.perf_counter()
             try:
                 new = await self.next_tokens([*prompt, *generated], params, params.max_tokens - len(generated))
@@ -325,6 +328,11 @@ class FusedDecoder:
             cut = min((i for s in params.stop if (i := text.find(s, max(0, len(sent) - len(s)))) >= 0), default=-1)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
+                while len(generated) > before + 1:  # usage counts tokens up to the stop string only
+                    shorter = await self._first(lambda src: src.decode(generated[:-1]))
+                    if not any(s in shorter for s in params.stop):
+                        break
+                    generated.pop()
             safe = text if finish else text.rstrip("\ufffd")[: len(text) - hold if hold else None]
             if len(safe) > len(sent) and safe.startswith(sent):
                 yield chunks.make(safe[len(sent):])

