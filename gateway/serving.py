@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -23,12 +23,13 @@ from gateway.cache import Cache, Lookup, cache_key, is_deterministic
 from gateway.config import GatewayConfig
 from gateway.errors import OpenAIError, bad_request, model_not_found, overloaded
 from gateway.experts import Endpoint, ExpertHandle, UpstreamError
+from gateway.fusion import FusionHooks, FusionInputError, FusionRefused, fingerprints, fused_stream
 from gateway.metrics import Metrics
 from gateway.routing import Decision, RoutingService
 from router_model import Message
 
 log = logging.getLogger("octoroute.request")
-Mode = Literal["single", "pinned"]
+Mode = Literal["single", "pinned", "fusion"]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -137,6 +138,20 @@ def replay_stream(endpoint: Endpoint, cached: dict[str, Any], include_usage: boo
     return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
 
 
+@dataclass(frozen=True)
+class Route:
+    """Who answers: one expert (routed or pinned), or several fused at every decoding step."""
+
+    handle: ExpertHandle  # the expert that answers, or the most probable of the fused set
+    mode: Mode
+    decision: Decision | None
+    fused: tuple[tuple[ExpertHandle, float], ...] = ()  # (expert, router probability) when mode == "fusion"
+
+    @property
+    def handles(self) -> list[ExpertHandle]:
+        return [h for h, _ in self.fused] if self.fused else [self.handle]
+
+
 class Pipeline:
     def __init__(self, config: GatewayConfig, routing: RoutingService, experts: dict[str, ExpertHandle],
                  cache: Cache, metrics: Metrics) -> None:
@@ -145,24 +160,84 @@ class Pipeline:
         self.experts = experts
         self.cache = cache
         self.metrics = metrics
+        self.fusion_available = False  # set at start-up: do at least two experts share a tokenizer?
+        self.vocabularies: dict[str, str | None] = {}  # expert -> tokenizer fingerprint (None: cannot fuse)
+        self.fusion_hooks = FusionHooks(on_step=self._on_fusion_step, on_drop=self._on_fusion_drop)
+
+    async def detect_fusion(self, timeout_s: float = 10.0) -> None:
+        """Fusion is offered (``model: "fusion"`` in /v1/models) when two experts share a vocabulary."""
+        if not self.config.fusion.enabled:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                prints = await fingerprints([h.expert for h in self.experts.values()])
+        except TimeoutError:
+            log.warning("fusion: experts' vocabularies not readable within %.0fs; fusion stays off", timeout_s)
+            return
+        self.vocabularies = prints
+        known = [p for p in prints.values() if p is not None]
+        self.fusion_available = len(known) > len(set(known))
+
+    def _unfusable(self, names: list[str]) -> str | None:
+        """Why these experts cannot be fused (from the start-up vocabulary check), or None."""
+        unknown = [n for n in names if self.vocabularies.get(n) is None]
+        if unknown:
+            return f"fusion unavailable for {', '.join(unknown)}: no next-token log-probs or vocabulary unreadable"
+        if len({self.vocabularies[n] for n in names}) > 1:
+            return f"fusion refused: {', '.join(names)} do not share one tokenizer/vocabulary"
+        return None
+
+    def _on_fusion_step(self, mode: str, seconds: float) -> None:
+        self.metrics.fusion_steps.labels(mode).inc()
+        self.metrics.fusion_step_seconds.observe(seconds)
+
+    def _on_fusion_drop(self, name: str, err: UpstreamError) -> None:
+        self.metrics.upstream_errors.labels(name, err.kind).inc()
+        self.experts[name].breaker.record_failure()
 
     # -- model resolution -------------------------------------------------------------------------
     def model_names(self) -> list[str]:
-        return ["auto", *self.experts]
+        return ["auto", *self.experts, *(["fusion"] if self.fusion_available else [])]
 
-    async def resolve(self, call: Call) -> tuple[ExpertHandle, Mode, Decision | None]:
-        if call.model == "auto":
+    async def resolve(self, call: Call) -> Route:
+        if call.model in ("auto", "fusion") and (call.model == "auto" or self.fusion_available):
             if not call.messages:  # a token-id prompt carries no text to route on
                 name = self.config.default_expert or next(iter(self.experts))
-                return self.experts[name], "single", None
+                return Route(self.experts[name], "single", None)
             decision = await self.routing.decide(call.messages)
             self.metrics.routing_seconds.observe(decision.route_ms / 1000)
             self.metrics.router_confidence.observe(decision.confidence)
-            return self.experts[decision.experts[0]], "single", decision
+            top = Route(self.experts[decision.experts[0]], "single", decision)
+            explicit = call.model == "fusion"
+            auto_fuse = len(decision.experts) > 1 and self.config.fusion.auto
+            if self.fusion_available and (explicit or auto_fuse):
+                return await self._fusion_route(call, decision, explicit) or top
+            return top
         handle = self.experts.get(call.model)
         if handle is None:
             raise model_not_found(call.model, self.model_names())
-        return handle, "pinned", None
+        return Route(handle, "pinned", None)
+
+    async def _fusion_route(self, call: Call, decision: Decision, explicit: bool) -> Route | None:
+        """The experts to fuse (most probable first, breakers closed), or None to answer from one expert."""
+        names = list(decision.experts)
+        if explicit and len(names) < 2:  # the client asked for fusion: fuse at least the top two
+            names = sorted(decision.probs, key=decision.probs.__getitem__, reverse=True)[:2]
+        members = tuple((self.experts[n], decision.probs[n]) for n in names if self.experts[n].breaker.allow())
+        if len(members) < 2:
+            return None
+        reason = self._unfusable([h.name for h, _ in members] + [h.name for h in self._bases()])
+        if reason is not None:
+            log.warning("fusion refused: %s", reason, extra={"request_id": call.request_id})
+            call.headers["x-octoroute-fusion-refused"] = reason[:200]
+            return None
+        return Route(members[0][0], "fusion", decision, members)
+
+    def _bases(self) -> list[ExpertHandle]:
+        cfg = self.config.fusion
+        if cfg.mode != "dlf" or not cfg.large_base or not cfg.small_base:
+            return []
+        return [self.experts[cfg.large_base], self.experts[cfg.small_base]]
 
     # -- entry point ----------------------------------------------------------------------------
     async def serve(self, call: Call) -> Response:
@@ -171,22 +246,24 @@ class Pipeline:
         expert_label = "none"
         status = 500
         try:
-            handle, mode, decision = await self.resolve(call)
-            expert_label = handle.name
-            headers["x-octoroute-expert"] = handle.name
-            if decision is not None:
-                headers["x-octoroute-confidence"] = f"{decision.confidence:.4f}"
-                headers["x-octoroute-route-ms"] = f"{decision.route_ms:.3f}"
+            route = await self.resolve(call)
+            expert_label = "fusion" if route.fused else route.handle.name
+            headers["x-octoroute-expert"] = expert_label
+            decision = route.decision
+            headers["x-octoroute-confidence"] = f"{decision.confidence:.4f}" if decision else "1.0000"
+            headers["x-octoroute-route-ms"] = f"{decision.route_ms:.3f}" if decision else "0.000"
+            self.metrics.route_decisions.labels(expert_label, route.mode).inc()
+            for handle in route.handles:
+                unsupported = sorted(f for f in handle.expert.unsupported if _asks_for(call.body, f))
+                if unsupported:
+                    raise bad_request(f"expert {handle.name!r} ({handle.config.backend} backend) cannot honour "
+                                      f"{', '.join(unsupported)}; remove the field or pin a vllm expert",
+                                      param=unsupported[0])
+            if route.fused:
+                headers["x-octoroute-fused"] = ",".join(h.name for h, _ in route.fused)
+                response = await self._answer_fused(call, route.fused)
             else:
-                headers["x-octoroute-confidence"] = "1.0000"
-                headers["x-octoroute-route-ms"] = "0.000"
-            self.metrics.route_decisions.labels(handle.name, mode).inc()
-            unsupported = sorted(f for f in handle.expert.unsupported if _asks_for(call.body, f))
-            if unsupported:
-                raise bad_request(f"expert {handle.name!r} ({handle.config.backend} backend) cannot honour "
-                                  f"{', '.join(unsupported)}; remove the field or pin a vllm expert",
-                                  param=unsupported[0])
-            response = await self._answer(call, handle)
+                response = await self._answer(call, route.handle)
             status = response.status_code
             return response
         except OpenAIError as err:
@@ -219,6 +296,14 @@ class Pipeline:
         result, value = await self.cache.get(key)
         self.metrics.cache.labels(result).inc()
         return result, value
+
+    def _cached_response(self, call: Call, cached: dict[str, Any], expert: str) -> Response:
+        if call.stream:
+            self._finish(call, expert, 200)
+            # The whole SSE stream in one body: a complete, well-formed stream at the cost of one write.
+            return Response(replay_stream(call.endpoint, cached, call.include_usage),
+                            media_type="text/event-stream", headers={**call.headers, **SSE_HEADERS})
+        return _json_response(cached, call.headers)
 
     async def _store(self, key: str | None, value: dict[str, Any]) -> None:
         if key is not None and await self.cache.set(key, value):
@@ -255,12 +340,7 @@ class Pipeline:
         lookup, cached = await self._lookup(key)
         call.headers["x-octoroute-cache"] = lookup
         if cached is not None:
-            if call.stream:
-                self._finish(call, chosen.name, 200)
-                # The whole SSE stream in one body: a complete, well-formed stream at the cost of one write.
-                return Response(replay_stream(call.endpoint, cached, call.include_usage),
-                                media_type="text/event-stream", headers={**call.headers, **SSE_HEADERS})
-            return _json_response(cached, call.headers)
+            return self._cached_response(call, cached, chosen.name)
 
         handle = self._pick(chosen)
         attempts = [handle]
@@ -338,7 +418,7 @@ class Pipeline:
         return _json_response(result, call.headers)
 
     @staticmethod
-    async def _unless_client_leaves(call: Call, work: Coroutine[Any, Any, T]) -> T:
+    async def _unless_client_leaves(call: Call, work: Awaitable[T]) -> T:
         """Await ``work``, cancelling it (and so the upstream request) if the client disconnects first."""
         if call.receive is None:
             return await work
@@ -439,6 +519,103 @@ class Pipeline:
             self.metrics.in_flight.labels(handle.name).dec()
             self._count_tokens(handle.name, assembler.usage)
             self._finish(call, handle.name, status)
+        if completed and assembler.cacheable and assembler.finish_reason in ("stop", "length"):
+            await self._store(key, assembler.response())
+
+
+    # -- fusion ---------------------------------------------------------------------------------
+    async def _answer_fused(self, call: Call, members: tuple[tuple[ExpertHandle, float], ...]) -> Response:
+        """Fuse the members' next-token distributions at every step; streams like a single expert."""
+        names = [h.name for h, _ in members]
+        key = self._cache_key(call, f"fusion[{self.config.fusion.mode}]:" + "+".join(names))
+        lookup, cached = await self._lookup(key)
+        call.headers["x-octoroute-cache"] = lookup
+        if cached is not None:
+            return self._cached_response(call, cached, "fusion")
+        for handle, _ in members:
+            if handle.saturated:
+                self.metrics.rejected.labels("expert_saturated").inc()
+                raise overloaded(f"expert {handle.name!r} is at its concurrency limit "
+                                 f"({handle.config.max_concurrency}); retry shortly")
+        body = {**call.body, "model": "fusion"}
+        bases = self._bases()
+        chunks = fused_stream([(h.expert, w) for h, w in members], call.endpoint, body, config=self.config.fusion,
+                              bases=(bases[0].expert, bases[1].expert) if bases else None, hooks=self.fusion_hooks)
+        for handle, _ in members:
+            handle.in_flight += 1
+            self.metrics.in_flight.labels(handle.name).inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                for handle, _ in members:
+                    handle.in_flight -= 1
+                    self.metrics.in_flight.labels(handle.name).dec()
+
+        try:
+            first = await self._unless_client_leaves(call, anext(chunks))
+        except ClientGone:
+            release()
+            await chunks.aclose()  # type: ignore[attr-defined]
+            return Response(status_code=499)
+        except FusionRefused as exc:  # vocabularies differ after all: answer from the most probable expert
+            release()
+            call.headers["x-octoroute-fusion-refused"] = str(exc)[:200]
+            call.headers["x-octoroute-expert"] = members[0][0].name
+            call.headers.pop("x-octoroute-fused", None)
+            return await self._answer(call, members[0][0])
+        except FusionInputError as exc:
+            release()
+            raise bad_request(str(exc), param=exc.param) from None
+        except UpstreamError as err:
+            release()
+            raise OpenAIError(err.status, str(err), "server_error", None, f"upstream_{err.kind}") from None
+        except BaseException:
+            release()
+            raise
+        if not call.stream:
+            try:
+                assembler = Assembler(call.endpoint)
+                assembler.add(first)
+                async for chunk in chunks:
+                    assembler.add(chunk)
+            except UpstreamError as err:
+                raise OpenAIError(err.status, str(err), "server_error", None, f"upstream_{err.kind}") from None
+            finally:
+                release()
+            result = {**assembler.response(), "octoroute_fusion": first.get("octoroute_fusion")}
+            self._count_tokens("fusion", assembler.usage)
+            if assembler.finish_reason in ("stop", "length"):
+                await self._store(key, result)
+            return _json_response(result, call.headers)
+        return StreamingResponse(self._relay_fused(call, chunks, first, key, release),
+                                 media_type="text/event-stream", headers={**call.headers, **SSE_HEADERS})
+
+    async def _relay_fused(self, call: Call, chunks: AsyncIterator[dict[str, Any]], first: dict[str, Any],
+                           key: str | None, release: Any) -> AsyncIterator[bytes]:
+        assembler = Assembler(call.endpoint)
+        status, completed = 200, False
+        try:
+            chunk: dict[str, Any] | None = first
+            while chunk is not None:
+                assembler.add(chunk)
+                if chunk.get("choices") or call.include_usage:
+                    yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                chunk = await anext(chunks, None)
+            completed = True
+            yield b"data: [DONE]\n\n"
+        except UpstreamError as err:
+            status = err.status
+            yield OpenAIError(err.status, str(err), "server_error", None, f"upstream_{err.kind}").sse_event()
+        finally:
+            if not completed and status == 200:
+                status = 499
+            await chunks.aclose()  # type: ignore[attr-defined]
+            release()
+            self._count_tokens("fusion", assembler.usage)
+            self._finish(call, "fusion", status)
         if completed and assembler.cacheable and assembler.finish_reason in ("stop", "length"):
             await self._store(key, assembler.response())
 

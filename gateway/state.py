@@ -81,6 +81,7 @@ class State:
                                   cache.client if isinstance(cache, RedisCache) else None,
                                   config.cache.key_prefix, config.cache.timeout_ms / 1000)
         pipeline = Pipeline(config, routing, handles, cache, metrics)
+        await pipeline.detect_fusion()
         return cls(config, metrics, routing, pipeline, handles, cache, Authenticator(config.auth), limiter, kind)
 
     async def aclose(self) -> None:

@@ -41,9 +41,13 @@ def test_embedded_default_routes_and_answers(embedded: str, query: str, expert: 
     client = openai.OpenAI(base_url=f"{embedded}/v1", api_key="unused", max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": query}], max_tokens=12, temperature=0)
-    assert raw.headers["x-octoroute-expert"] == expert
+    answered_by = raw.headers["x-octoroute-expert"]
+    if answered_by == "fusion":  # the router was unsure: the most probable expert leads the fused set
+        assert raw.headers["x-octoroute-fused"].split(",")[0] == expert
+    else:
+        assert answered_by == expert
     completion = raw.parse()
-    assert completion.model == expert
+    assert completion.model == answered_by
     assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 12
     assert completion.choices[0].finish_reason in ("stop", "length")
 
@@ -107,3 +111,24 @@ async def test_gateway_over_real_vllm_with_the_sdk(vllm_expert: tuple[str, str, 
         metrics = httpx.get(f"{url}/metrics").text
         assert 'octoroute_tokens_total{direction="completion",expert="math"}' in metrics
 
+
+
+def test_embedded_default_offers_fusion(embedded: str) -> None:
+    client = openai.OpenAI(base_url=f"{embedded}/v1", api_key="unused", max_retries=0)
+    assert "fusion" in [m.id for m in client.models.list()]
+    raw = client.chat.completions.with_raw_response.create(
+        model="fusion", messages=[{"role": "user", "content": "What is 15% of the loan interest?"}],
+        max_tokens=8, temperature=0)
+    assert raw.headers["x-octoroute-expert"] == "fusion"
+    fused = raw.headers["x-octoroute-fused"].split(",")
+    assert len(fused) >= 2 and set(fused) <= {"legal", "finance", "math", "code", "general"}
+    completion = raw.parse()
+    assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 8
+    chunks = list(client.chat.completions.create(
+        model="fusion", messages=[{"role": "user", "content": "What is 15% of the loan interest?"}],
+        max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == completion.choices[0].message.content  # greedy fusion is deterministic
+    assert chunks[-1].usage is not None
+    metrics = httpx.get(f"{embedded}/metrics").text
+    assert "octoroute_fusion_steps_total" in metrics and 'mode="fusion"' in metrics
