@@ -30,6 +30,7 @@ from router_model import Message
 
 log = logging.getLogger("octoroute.request")
 Mode = Literal["single", "pinned", "fusion"]
+FUSION_DEFAULT_MAX_TOKENS = 256  # each fused token costs a round of expert calls: bound what nobody asked for
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -538,6 +539,8 @@ class Pipeline:
                 raise overloaded(f"expert {handle.name!r} is at its concurrency limit "
                                  f"({handle.config.max_concurrency}); retry shortly")
         body = {**call.body, "model": "fusion"}
+        if not any(k in body for k in ("max_tokens", "max_completion_tokens")):
+            body["max_tokens"] = FUSION_DEFAULT_MAX_TOKENS
         bases = self._bases()
         chunks = fused_stream([(h.expert, w) for h, w in members], call.endpoint, body, config=self.config.fusion,
                               bases=(bases[0].expert, bases[1].expert) if bases else None, hooks=self.fusion_hooks)
