@@ -85,7 +85,7 @@ def write_model_card(ckpt: Path) -> None:
         "",
         "## Reproduce",
         f"`{REPRODUCE}` (seed {args.get('seed')}, {args.get('threads')} CPU threads, "
-        f"{tr.get('seconds')} s here); then `python -m router_model.baselines --loso` and "
+        f"{tr.get('seconds')} s here); then `python -m router_model.baselines --loso --loso-steps 150` and "
         "`python -m router_model.bench` add the comparison and latency sections.",
         f"Training: {tr.get('steps')} steps (best at {tr.get('best_step')}), batch {args.get('batch_size')}, "
         f"lr {args.get('lr')}, augmentation {args.get('augment')}, class-weighted loss, "
@@ -104,8 +104,11 @@ def write_model_card(ckpt: Path) -> None:
         "",
         "Confusion (rows gold, columns predicted): " + json.dumps(dev.get("confusion")),
         "",
-        f"Expert sets on dev: {json.dumps(m.get('experts_on_dev'))}; NLL {_f(m.get('uncalibrated_dev_nll'))} "
-        f"→ {_f(m.get('calibrated_dev_nll'))} after temperature scaling.",
+        f"Expert sets on dev (tau {cfg['tau']}, mass {cfg['mass']}): {json.dumps(m.get('experts_on_dev'))}; "
+        f"NLL {_f(m.get('uncalibrated_dev_nll'))} → {_f(m.get('calibrated_dev_nll'))} after temperature scaling.",
+        "",
+        f"Conversations: dev accuracy when each query follows an exchange about another label "
+        f"(max_turns {cfg['max_turns']}): {_f(m.get('dev_after_unrelated_turn_accuracy'))}.",
     ]
     base = _load(ckpt / "baselines.json")
     if base:

@@ -197,10 +197,15 @@ def init_rows(embedding: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor:
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 for every Linear: ~3x faster batch-1 on CPU, accuracy checked in the model card."""
+    """Dynamic int8 for every Linear, per output channel: ~3x faster batch-1 on CPU.
+
+    Per-tensor weight scales cost ~0.9 dev macro-F1 points here; per-channel scales cost none (model card).
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig})
 
 
 def param_count(model: nn.Module) -> int:

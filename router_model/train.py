@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from router_model.card import write_model_card
 from router_model.eval import classification, evaluate, read_jsonl
-from router_model.interface import select_experts
+from router_model.interface import Message, select_experts
 from router_model.model import (
     END_TOKEN,
     FUNCTIONAL_TOKEN,
@@ -309,26 +309,46 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     save_checkpoint(out, lm, tok, cfg)
 
-    # Calibrate on the model exactly as it will be served (fp16 weights, int8 if configured).
-    router = FunctionalTokenRouter.load(out, threads=args.threads)
+    train_info = {"rows": len(train_rows), "per_label": dict(counts), "steps": step, "best_step": best[1],
+                  "best_dev_macro_f1_fp32": best[0], "history": history, "seconds": round(time.time() - t_start),
+                  "params": param_count(lm), "args": vars(args)}
+    return calibrate(out, dev_rows, train_info, args.threads, args.latency_n)
+
+
+def context_accuracy(router: FunctionalTokenRouter, rows: Sequence[dict[str, Any]], seed: int = 0) -> float:
+    """Dev accuracy when each query follows an exchange about another label: the latest turn should decide."""
+    rng = random.Random(seed)
+    others = {lab: [o for o in rows if o["label"] != lab] or list(rows) for lab in {r["label"] for r in rows}}
+    convs = []
+    for r in rows:
+        other = rng.choice(others[r["label"]])
+        convs.append([Message("user", other["text"]), Message("assistant", "Sure."), Message("user", r["text"])])
+    return sum(res.top[0] == r["label"] for res, r in zip(router.route_batch(convs), rows, strict=True)) / len(rows)
+
+
+def calibrate(out: Path, dev_rows: Sequence[dict[str, Any]], train_info: dict[str, Any], threads: int = 2,
+              latency_n: int = 200) -> dict[str, Any]:
+    """Fit temperature, tau and mass on dev with the model exactly as served (fp16 weights, int8 if configured),
+    then write ``metrics.json`` and the model card."""
+    cfg = json.loads((out / "config.json").read_text())
+    labels = cfg["labels"]
+    router = FunctionalTokenRouter.load(out, threads=threads)
     logits = router.logits([r["text"] for r in dev_rows])
-    gold_idx = torch.tensor([label_idx[r["label"]] for r in dev_rows])
+    gold = [r["label"] for r in dev_rows]
+    gold_idx = torch.tensor([labels.index(g) for g in gold])
     cfg["temperature"] = fit_temperature(logits, gold_idx)
     probs = [dict(zip(labels, p, strict=True)) for p in torch.softmax(logits / cfg["temperature"], -1).tolist()]
-    gold = [r["label"] for r in dev_rows]
     cfg["tau"], cfg["mass"] = calibrate_thresholds(probs, gold)
     (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
 
     router = FunctionalTokenRouter.load(out, threads=1)
-    dev = evaluate(router, dev_rows, latency_n=args.latency_n)
     metrics = {
-        "dev": dev,
+        "dev": evaluate(router, dev_rows, latency_n=latency_n),
         "experts_on_dev": expert_counts(probs, gold, cfg["tau"], cfg["mass"]),
+        "dev_after_unrelated_turn_accuracy": context_accuracy(router, dev_rows),
         "uncalibrated_dev_nll": float(nn.functional.cross_entropy(logits, gold_idx)),
         "calibrated_dev_nll": float(nn.functional.cross_entropy(logits / cfg["temperature"], gold_idx)),
-        "train": {"rows": len(train_rows), "per_label": dict(counts), "steps": step, "best_step": best[1],
-                  "best_dev_macro_f1_fp32": best[0], "history": history, "seconds": round(time.time() - t_start),
-                  "params": param_count(lm), "args": {k: v for k, v in vars(args).items() if k != "func"}},
+        "train": train_info,
         "checkpoint_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
@@ -347,7 +367,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--max-turns", type=int, default=2, help="earlier turns kept before the latest user turn")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--max-steps", type=int, default=400, help="optimizer steps; 0: use --epochs")
+    ap.add_argument("--max-steps", type=int, default=600, help="optimizer steps; 0: use --epochs")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -357,7 +377,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--mix", type=float, default=0.1, help="share of rows given an unrelated earlier turn")
     ap.add_argument("--no-augment", dest="augment", action="store_false")
     ap.add_argument("--no-freeze-embeddings", dest="freeze_embeddings", action="store_false")
-    ap.add_argument("--freeze-blocks", type=int, default=2, help="lowest blocks kept frozen (with the embeddings)")
+    ap.add_argument("--freeze-blocks", type=int, default=1, help="lowest blocks kept frozen (with the embeddings)")
     ap.add_argument("--es-dev", type=int, default=600, help="dev rows (stratified) checked for early stopping")
     ap.add_argument("--no-quantize", dest="quantize", action="store_false")
     ap.add_argument("--exclude-sources", nargs="*", default=[], help="source families left out (LOSO)")

@@ -25,7 +25,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from gateway.config import ExpertConfig
 from gateway.experts.base import JSON, Endpoint, Expert, UpstreamError
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI (and vLLM) default for /v1/completions
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# from_pretrained is not thread-safe: loading several models at once from threads left one with an
+# untied, uninitialised lm_head (NaN logits, different answers to the same greedy request).
+_LOAD_LOCK = threading.Lock()  # the OpenAI (and vLLM) default for /v1/completions
 
 
 def _bad_request(message: str, param: str | None = None) -> UpstreamError:
@@ -109,8 +112,14 @@ class LocalExpert(Expert):
         # One intra-op thread: several experts and the router share this process and its few cores;
         # tiny matrices gain nothing from more, and oversubscribed OpenMP threads stall each other.
         torch.set_num_threads(1)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        with _LOAD_LOCK:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        out_w = self.model.lm_head.weight
+        in_w = self.model.get_input_embeddings().weight  # type: ignore[operator]  # transformers stubs
+        if self.model.config.tie_word_embeddings and out_w.data_ptr() != in_w.data_ptr():
+            raise RuntimeError(f"expert {config.name!r}: tied output embeddings did not load as tied; refusing to "
+                               "serve a randomly initialised lm_head")
         self.model.eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
