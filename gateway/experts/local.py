@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -115,8 +115,8 @@ class LocalExpert(Expert):
         with _LOAD_LOCK:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-        out_w = self.model.lm_head.weight
-        in_w = self.model.get_input_embeddings().weight  # type: ignore[operator]  # transformers stubs
+        out_w = cast(torch.Tensor, self.model.lm_head.weight)
+        in_w = cast(torch.Tensor, self.model.get_input_embeddings().weight)
         if self.model.config.tie_word_embeddings and out_w.data_ptr() != in_w.data_ptr():
             raise RuntimeError(f"expert {config.name!r}: tied output embeddings did not load as tied; refusing to "
                                "serve a randomly initialised lm_head")
