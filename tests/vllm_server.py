@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+
+from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parent
 
@@ -23,12 +24,6 @@ def vllm_python() -> str:
     if done.returncode != 0:
         raise RuntimeError(f"tests/vllm_env.sh failed:\n{done.stderr[-3000:]}")
     return done.stdout.strip().splitlines()[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class VllmServer:
