@@ -44,7 +44,8 @@ def vllm_expert(demo_experts_dir: Path) -> Iterator[tuple[str, str, Path]]:
 
     base_url has no ``/v1``. The server is pinned to this process's last allowed core.
     """
-    from tests.vllm_server import VllmServer, free_port
+    from tests.harness import free_port
+    from tests.vllm_server import VllmServer
 
     model_dir = demo_experts_dir / "math"
     server = VllmServer(model_dir, free_port(), "math", cpu_core=max(os.sched_getaffinity(0)))

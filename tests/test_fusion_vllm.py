@@ -41,7 +41,8 @@ STEPS = 16
 
 @pytest.fixture(scope="module")
 def servers(demo_experts_dir: Path) -> Iterator[dict[str, Any]]:
-    from tests.vllm_server import VllmServer, free_port
+    from tests.harness import free_port
+    from tests.vllm_server import VllmServer
 
     class Float32Server(VllmServer):
         def command(self) -> list[str]:

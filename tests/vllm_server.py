@@ -13,8 +13,6 @@ from types import TracebackType
 
 import httpx
 
-from tests.harness import free_port
-
 ROOT = Path(__file__).resolve().parent
 
 

@@ -139,7 +139,7 @@ def main() -> None:
         if args.urls:
             urls = args.urls.split(",")
         else:
-            from tests.vllm_server import free_port
+            from tests.harness import free_port
 
             demo = ensure_demo_experts(DEFAULT_DEMO_DIR)
             servers = [_Server.make(demo / n, free_port(), n, core, args.dtype) for core, n in enumerate(names)]
