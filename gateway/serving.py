@@ -23,7 +23,7 @@ from gateway.cache import Cache, Lookup, cache_key, is_deterministic
 from gateway.config import GatewayConfig
 from gateway.errors import OpenAIError, bad_request, model_not_found, overloaded
 from gateway.experts import Endpoint, ExpertHandle, UpstreamError
-from gateway.fusion import FusionHooks, FusionInputError, FusionRefused, fingerprints, fused_stream
+from gateway.fusion import FusionHooks, FusionInputError, FusionRefused, fingerprints, fused_stream, unfusable_reason
 from gateway.metrics import Metrics
 from gateway.routing import Decision, RoutingService
 from router_model import Message
@@ -179,15 +179,6 @@ class Pipeline:
         known = [p for p in prints.values() if p is not None]
         self.fusion_available = len(known) > len(set(known))
 
-    def _unfusable(self, names: list[str]) -> str | None:
-        """Why these experts cannot be fused (from the start-up vocabulary check), or None."""
-        unknown = [n for n in names if self.vocabularies.get(n) is None]
-        if unknown:
-            return f"fusion unavailable for {', '.join(unknown)}: no next-token log-probs or vocabulary unreadable"
-        if len({self.vocabularies[n] for n in names}) > 1:
-            return f"fusion refused: {', '.join(names)} do not share one tokenizer/vocabulary"
-        return None
-
     def _on_fusion_step(self, mode: str, seconds: float) -> None:
         self.metrics.fusion_steps.labels(mode).inc()
         self.metrics.fusion_step_seconds.observe(seconds)
@@ -227,7 +218,8 @@ class Pipeline:
         members = tuple((self.experts[n], decision.probs[n]) for n in names if self.experts[n].breaker.allow())
         if len(members) < 2:
             return None
-        reason = self._unfusable([h.name for h, _ in members] + [h.name for h in self._bases()])
+        names = [h.name for h, _ in members] + [h.name for h in self._bases()]
+        reason = unfusable_reason({n: self.vocabularies.get(n) for n in names})
         if reason is not None:
             log.warning("fusion refused: %s", reason, extra={"request_id": call.request_id})
             call.headers["x-octoroute-fusion-refused"] = reason[:200]
@@ -352,10 +344,7 @@ class Pipeline:
         for i, target in enumerate(attempts):
             if i and not target.breaker.allow():
                 break
-            if target.saturated:
-                self.metrics.rejected.labels("expert_saturated").inc()
-                raise overloaded(f"expert {target.name!r} is at its concurrency limit "
-                                 f"({target.config.max_concurrency}); retry shortly")
+            self._refuse_if_saturated(target)
             if target is not chosen:
                 call.headers["x-octoroute-expert"] = target.name
                 call.headers["x-octoroute-fallback-from"] = chosen.name
@@ -383,6 +372,13 @@ class Pipeline:
                           "timeout_error" if last_error.kind == "timeout" else "server_error",
                           None, f"upstream_{last_error.kind}")
 
+    def _refuse_if_saturated(self, handle: ExpertHandle) -> None:
+        """429 instead of queueing without bound."""
+        if handle.saturated:
+            self.metrics.rejected.labels("expert_saturated").inc()
+            raise overloaded(f"expert {handle.name!r} is at its concurrency limit "
+                             f"({handle.config.max_concurrency}); retry shortly")
+
     def _record_failure(self, handle: ExpertHandle, err: UpstreamError) -> None:
         self.metrics.upstream_errors.labels(handle.name, err.kind).inc()
         if err.kind != "http_4xx":
@@ -396,9 +392,7 @@ class Pipeline:
             self.metrics.tokens.labels(expert, "completion").inc(usage.get("completion_tokens") or 0)
 
     async def _generate(self, call: Call, handle: ExpertHandle, key: str | None) -> Response:
-        handle.in_flight += 1
-        gauge = self.metrics.in_flight.labels(handle.name)
-        gauge.inc()
+        handle.acquire()
         try:
             result = await self._unless_client_leaves(
                 call, handle.expert.generate(call.endpoint, self._upstream_body(call, handle)))
@@ -409,8 +403,7 @@ class Pipeline:
             handle.breaker.release_probe()
             return Response(status_code=499)
         finally:
-            handle.in_flight -= 1
-            gauge.dec()
+            handle.release()
         handle.breaker.record_success()
         self._count_tokens(handle.name, result.get("usage"))
         choices = result.get("choices") or [{}]
@@ -443,9 +436,7 @@ class Pipeline:
 
     async def _stream(self, call: Call, handle: ExpertHandle, key: str | None) -> Response:
         """Prime the upstream stream (so errors before the first byte can fall back), then pass it on."""
-        handle.in_flight += 1
-        gauge = self.metrics.in_flight.labels(handle.name)
-        gauge.inc()
+        handle.acquire()
         upstream = handle.expert.stream(call.endpoint, self._upstream_body(call, handle))
 
         async def prime() -> bytes | None:
@@ -458,21 +449,15 @@ class Pipeline:
             # Watch the client while the expert is silent: one that leaves before the first token must
             # free the expert at once (cancelling the upstream call), not when the first token comes.
             first = await self._unless_client_leaves(call, prime())
-        except ClientGone:
-            handle.in_flight -= 1
-            gauge.dec()
+        except BaseException as exc:
+            handle.release()
+            if isinstance(exc, UpstreamError):
+                self._record_failure(handle, exc)
+                raise
             handle.breaker.release_probe()
-            await upstream.aclose()  # type: ignore[attr-defined]
-            return Response(status_code=499)
-        except UpstreamError as err:
-            handle.in_flight -= 1
-            gauge.dec()
-            self._record_failure(handle, err)
-            raise
-        except BaseException:
-            handle.in_flight -= 1
-            gauge.dec()
-            handle.breaker.release_probe()
+            if isinstance(exc, ClientGone):
+                await upstream.aclose()  # type: ignore[attr-defined]
+                return Response(status_code=499)
             raise
         self.metrics.ttft_seconds.labels(handle.name).observe(time.perf_counter() - call.started)
         return StreamingResponse(self._relay(call, handle, upstream, first, key),
@@ -516,8 +501,7 @@ class Pipeline:
                 status = 499  # the client went away
                 handle.breaker.release_probe()
             await upstream.aclose()  # type: ignore[attr-defined]
-            handle.in_flight -= 1
-            self.metrics.in_flight.labels(handle.name).dec()
+            handle.release()
             self._count_tokens(handle.name, assembler.usage)
             self._finish(call, handle.name, status)
         if completed and assembler.cacheable and assembler.finish_reason in ("stop", "length"):
@@ -534,10 +518,7 @@ class Pipeline:
         if cached is not None:
             return self._cached_response(call, cached, "fusion")
         for handle, _ in members:
-            if handle.saturated:
-                self.metrics.rejected.labels("expert_saturated").inc()
-                raise overloaded(f"expert {handle.name!r} is at its concurrency limit "
-                                 f"({handle.config.max_concurrency}); retry shortly")
+            self._refuse_if_saturated(handle)
         body = {**call.body, "model": "fusion"}
         if not any(k in body for k in ("max_tokens", "max_completion_tokens")):
             body["max_tokens"] = FUSION_DEFAULT_MAX_TOKENS
@@ -545,8 +526,7 @@ class Pipeline:
         chunks = fused_stream([(h.expert, w) for h, w in members], call.endpoint, body, config=self.config.fusion,
                               bases=(bases[0].expert, bases[1].expert) if bases else None, hooks=self.fusion_hooks)
         for handle, _ in members:
-            handle.in_flight += 1
-            self.metrics.in_flight.labels(handle.name).inc()
+            handle.acquire()
         released = False
 
         def release() -> None:
@@ -554,8 +534,7 @@ class Pipeline:
             if not released:
                 released = True
                 for handle, _ in members:
-                    handle.in_flight -= 1
-                    self.metrics.in_flight.labels(handle.name).dec()
+                    handle.release()
 
         try:
             first = await self._unless_client_leaves(call, anext(chunks))

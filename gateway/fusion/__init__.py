@@ -30,7 +30,7 @@ from gateway.fusion.decoder import FusedDecoder, FusionHooks, Mode
 from gateway.fusion.sources import FusionInputError, LogprobSource, source_for
 
 __all__ = ["FusionHooks", "FusionInputError", "FusionRefused", "check_fusable", "fingerprints", "fused_generate",
-           "fused_stream"]
+           "fused_stream", "unfusable_reason"]
 
 
 class FusionRefused(Exception):
@@ -53,11 +53,10 @@ async def fingerprints(experts: Sequence[Expert]) -> dict[str, str | None]:
     return {e.name: p for e, p in zip(experts, prints, strict=True)}
 
 
-async def check_fusable(experts: Sequence[Expert]) -> str | None:
-    """None when these experts can be fused, else a message for the client and the logs."""
-    if not experts:
+def unfusable_reason(prints: dict[str, str | None]) -> str | None:
+    """Why experts with these tokenizer fingerprints cannot be fused together, or None when they can."""
+    if not prints:
         return "fusion needs at least one expert"
-    prints = await fingerprints(experts)
     missing = [name for name, p in prints.items() if p is None]
     if missing:
         return (f"fusion unavailable: cannot read the vocabulary of {', '.join(missing)} "
@@ -69,6 +68,11 @@ async def check_fusable(experts: Sequence[Expert]) -> str | None:
         sets = "; ".join(", ".join(names) for names in groups.values())
         return f"fusion refused: these experts use different tokenizers/vocabularies ({sets}); routing instead"
     return None
+
+
+async def check_fusable(experts: Sequence[Expert]) -> str | None:
+    """None when these experts can be fused, else a message for the client and the logs."""
+    return unfusable_reason(await fingerprints(experts))
 
 
 def _decoder(experts: Sequence[tuple[Expert, float]], config: FusionConfig, mode: Mode | None,
