@@ -43,6 +43,12 @@ def throughput(router: FunctionalTokenRouter, convs: Sequence[list[Message]], re
     return round(repeat * len(convs) / (time.perf_counter() - t0), 1)
 
 
+def _cpu_model() -> str:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+
+
 def run(ckpt: Path, data: Path, n: int = 300) -> dict[str, Any]:
     rows = read_jsonl(data / "dev.jsonl")
     probe = FunctionalTokenRouter.load(ckpt, threads=1)
@@ -50,10 +56,11 @@ def run(ckpt: Path, data: Path, n: int = 300) -> dict[str, Any]:
     lens = probe.codec.tokenizer([r["text"] for r in rows], add_special_tokens=False)["input_ids"]
     full = [[Message("user", r["text"])] for r, ids in zip(rows, lens, strict=True) if len(ids) >= room]
     real = [[Message("user", r["text"])] for r in rows]
-    out: dict[str, Any] = {"prompt_tokens": probe.codec.max_len, "load_avg_before": os.getloadavg()[0]}
-    for name, quant in (("int8", True), ("fp32", False)):
-        one = FunctionalTokenRouter.load(ckpt, threads=1, quantize=quant)
-        two = FunctionalTokenRouter.load(ckpt, threads=2, quantize=quant)
+    out: dict[str, Any] = {"prompt_tokens": probe.codec.max_len, "served_precision": probe.precision,
+                           "cpu": _cpu_model(), "load_avg_before": os.getloadavg()[0]}
+    for name in ("bf16", "int8", "fp32"):
+        one = FunctionalTokenRouter.load(ckpt, threads=1, precision=name)
+        two = FunctionalTokenRouter.load(ckpt, threads=2, precision=name)
         out[name] = {
             "batch1_1thread_64tok": batch1(one, full, n),
             "batched_2threads_64tok_qps": throughput(two, full[:512]),

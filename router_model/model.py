@@ -69,9 +69,9 @@ class Block(nn.Module):
         if last is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         else:
-            rows = torch.arange(b)
+            rows = torch.arange(b, device=x.device)
             q, x, t = q[rows, :, last].unsqueeze(2), x[rows, last].unsqueeze(1), 1
-            seen = (torch.arange(k.shape[2]) <= last[:, None])[:, None, None, :]
+            seen = (torch.arange(k.shape[2], device=x.device) <= last[:, None])[:, None, None, :]
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, dropout_p=drop)
         x = self.ln1(x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d))))
         return self.ln2(x + self.drop(self.out(F.gelu(self.fc(x)))))
@@ -128,7 +128,7 @@ class HFCausalLM(nn.Module):
 
     def answer_hidden(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.hidden(ids, attention_mask)
-        return h[torch.arange(ids.shape[0]), attention_mask.sum(1) - 1]
+        return h[torch.arange(ids.shape[0], device=ids.device), attention_mask.sum(1) - 1]
 
     def head_weight(self) -> torch.Tensor:
         return self.lm.get_output_embeddings().weight

@@ -24,6 +24,21 @@ from router_model.interface import Message, RouteResult
 from router_model.model import LM, CausalLM, HFCausalLM, ModelConfig, logits_for, quantize_int8
 
 REWRITE_OPEN, REWRITE_CLOSE = "('", "')"
+PRECISIONS = ("auto", "bf16", "int8", "fp32")
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto``: bf16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16), else int8.
+
+    On a Sapphire Rapids core bf16 and int8 (dynamic, per-channel) have the same batch-1 latency, but bf16
+    routes batches ~1.9x faster and matches fp32's dev predictions; without native bf16 it would be slow.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"router precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return "bf16" if any(native) else "int8"
 
 
 def split_conversation(messages: Sequence[Message], max_turns: int) -> tuple[str, str]:
@@ -106,8 +121,9 @@ class FunctionalTokenRouter:
     and the thread count is set on every call, so another library changing it cannot slow us silently.
     """
 
-    def __init__(self, lm: LM, codec: Codec, cfg: dict[str, Any], threads: int = 1) -> None:
+    def __init__(self, lm: LM, codec: Codec, cfg: dict[str, Any], threads: int = 1, precision: str = "fp32") -> None:
         self.lm = lm
+        self.precision = precision
         self.codec = codec
         self.config = cfg
         self.labels: tuple[str, ...] = tuple(cfg["labels"])
@@ -121,8 +137,8 @@ class FunctionalTokenRouter:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, threads: int = 1, quantize: bool | None = None) -> FunctionalTokenRouter:
-        """Load a checkpoint directory; int8 dynamic quantisation follows the checkpoint unless overridden."""
+    def load(cls, path: str | Path, threads: int = 1, precision: str | None = None) -> FunctionalTokenRouter:
+        """Load a checkpoint directory, served at ``precision`` (default: the checkpoint's, usually ``auto``)."""
         path = Path(path)
         cfg = json.loads((path / "config.json").read_text())
         torch.set_num_threads(threads)
@@ -136,9 +152,12 @@ class FunctionalTokenRouter:
             tok = AutoTokenizer.from_pretrained(str(path / "model"))
             lm = HFCausalLM(AutoModelForCausalLM.from_pretrained(str(path / "model"), dtype=torch.float32))
         lm.eval()
-        if cfg.get("quantize", False) if quantize is None else quantize:
+        served = resolve_precision(precision or cfg.get("precision", "fp32"))
+        if served == "int8":
             lm = quantize_int8(lm)
-        return cls(lm, codec_from_config(tok, cfg), cfg, threads)
+        elif served == "bf16":
+            lm = lm.to(torch.bfloat16)
+        return cls(lm, codec_from_config(tok, cfg), cfg, threads, served)
 
     def _threads(self) -> None:
         if torch.get_num_threads() != self.threads:
@@ -153,10 +172,12 @@ class FunctionalTokenRouter:
         """Raw functional-token logits (N, K). Length-sorted chunks keep padding small."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out = torch.empty(len(prompts), len(self.labels))
+        device = self.lm.head_weight().device  # training evaluates on the training device
+        fn = self._fn.to(device)
         for s in range(0, len(order), chunk):
             idx = order[s : s + chunk]
-            ids, mask = self.codec.pad([prompts[i] for i in idx])
-            out[idx] = logits_for(self.lm, self.lm.answer_hidden(ids, mask), self._fn).float()
+            ids, mask = (t.to(device) for t in self.codec.pad([prompts[i] for i in idx]))
+            out[idx] = logits_for(self.lm, self.lm.answer_hidden(ids, mask), fn).float().cpu()
         return out
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:

@@ -15,6 +15,43 @@ from router_model.train import DEFAULT_DATA
 
 DEV = DEFAULT_DATA / "dev.jsonl"
 
+HAND_WRITTEN = {
+    "math": [
+        "What is the derivative of sin(x) * x^2?", "Solve for x: 2x^2 - 8 = 0", "What is 17% of 240?",
+        "Prove that the square root of 2 is irrational.", "How many ways can I arrange 5 books on a shelf?",
+        "Find the eigenvalues of [[2,1],[1,2]].", "If a train travels 60 miles in 1.5 hours, what is its speed?",
+        "What's the probability of rolling two sixes?", "integrate e^x cos x dx", "Is 221 a prime number?",
+    ],
+    "code": [
+        "How do I reverse a linked list in Python?", "Why does my React component re-render twice?",
+        "Write a bash one-liner to count lines in all .py files",
+        "What's the difference between a mutex and a semaphore?",
+        "Fix this: TypeError: 'NoneType' object is not subscriptable", "How do I center a div with CSS?",
+        "Write a SQL query to find the second highest salary", "Explain Rust's borrow checker",
+        "git rebase vs merge?", "How to read a JSON file in Go",
+    ],
+    "legal": [
+        "Can my employer fire me for joining a union?", "Is a verbal contract legally binding?",
+        "What is the difference between a felony and a misdemeanor?",
+        "My landlord won't return my security deposit, what can I do?", "Do I need a lawyer to write a will?",
+        "What does 'habeas corpus' mean?", "Can I copyright a recipe?",
+        "Is it legal to record a phone call without consent?", "How does fair use work for YouTube videos?",
+        "What are my rights if I'm arrested?",
+    ],
+    "finance": [
+        "Should I pay off my mortgage early or invest in index funds?", "What is a Roth IRA?",
+        "How do I calculate compound interest on my savings?", "Is it a good time to refinance my car loan?",
+        "What does EBITDA mean?", "How are capital gains taxed?", "My card was charged twice for the same purchase",
+        "What's the difference between a stock and a bond?", "How much should I keep in an emergency fund?",
+        "Explain dollar-cost averaging",
+    ],
+    "general": [
+        "What is the capital of Australia?", "Who painted the Mona Lisa?", "Give me a recipe for banana bread",
+        "What's a good name for a golden retriever?", "Write a haiku about autumn", "How tall is Mount Everest?",
+        "Recommend a good sci-fi novel", "Why is the sky blue?", "Tell me a joke", "What time zone is Tokyo in?",
+    ],
+}
+
 
 @pytest.fixture(scope="module")
 def router() -> FunctionalTokenRouter:
@@ -49,16 +86,16 @@ def test_reproduces_model_card_dev_figures(router: FunctionalTokenRouter, metric
     assert f"{card['macro_f1']:.4f}" in (CHECKPOINT / "MODEL_CARD.md").read_text()
 
 
-def test_routes_conversations_sensibly(router: FunctionalTokenRouter) -> None:
-    convs = {
-        "code": "How do I reverse a linked list in Python?",
-        "math": "What is the derivative of sin(x) * x^2?",
-        "legal": "Can my employer fire me for joining a union?",
-        "finance": "Should I pay off my mortgage early or invest in index funds?",
-        "general": "What is the capital of Australia?",
-    }
-    res = router.route_batch([[Message("user", q)] for q in convs.values()])
-    assert [r.top[0] for r in res] == list(convs)
+def test_routes_hand_written_queries_from_no_dataset(router: FunctionalTokenRouter) -> None:
+    """Queries written for this test, in styles the training sources rarely use: a small unseen-source check.
+
+    The shipped checkpoint gets 41/50 (its misses are mostly `general` for short conceptual questions; see the
+    model card's limitations); the floor catches a retrain that generalises worse.
+    """
+    convs = [(label, q) for label, qs in HAND_WRITTEN.items() for q in qs]
+    res = router.route_batch([[Message("user", q)] for _, q in convs])
+    right = sum(r.top[0] == label for r, (label, _) in zip(res, convs, strict=True))
+    assert right >= 40, f"{right}/50 hand-written queries routed right"
     for r in res:
         assert sum(r.probs.values()) == pytest.approx(1.0, abs=1e-5)
         assert select_experts(r.probs, router.tau, router.mass)

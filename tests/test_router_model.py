@@ -92,7 +92,7 @@ def test_native_training_with_rewrites_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
     train_main(["--train", str(data), "--dev", str(data), "--out", str(out), "--layers", "1", "--freeze-blocks", "0",
                 "--max-steps", "60", "--eval-every", "60", "--batch-size", "10", "--lr", "2e-3", "--no-augment",
-                "--mix", "0", "--latency-n", "3", "--threads", "1", "--quiet", "--no-quantize"])
+                "--mix", "0", "--latency-n", "3", "--threads", "1", "--quiet", "--precision", "fp32"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rewrite"] is True and cfg["labels"] == ["code", "finance", "general", "legal", "math"]
     router = FunctionalTokenRouter.load(out, threads=1)
@@ -174,3 +174,60 @@ def test_route_batch_is_thread_safe(tmp_path: Path) -> None:
     for got in results:
         for g, e in zip(got, expected, strict=True):
             assert g == pytest.approx(e, abs=1e-5)
+
+
+def test_loso_holds_out_whole_sources_and_reports_only_finished_folds(tmp_path: Path) -> None:
+    """Per-source LOSO on a toy corpus: every family is a fold, all models are scored on the same held-out rows."""
+    from router_model.loso import main as loso_main
+
+    families = {"alpha": ROWS[:5], "beta": ROWS[5:]}
+    rows = [{**r, "id": f"{fam}-{i}-{k}", "source": f"{fam}/x", "text": f"{r['text']} ({k})"}
+            for fam, rs in families.items() for i, r in enumerate(rs) for k in range(2)]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "dev.jsonl", rows)
+    args = ["--data", str(data), "--checkpoint", str(tmp_path / "none"), "--folds", "per-source", "--min-rows", "5",
+            "--per-source", "4", "--embed-train", "0", "--threads", "1", "--set", "layers=1", "max_steps=2",
+            "es_dev=10", "latency_n=0"]
+    out = tmp_path / "loso.json"
+    assert loso_main([*args, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["folds"] == [["alpha"], ["beta"]] and res["n"] == 8
+    assert set(res["models"]) == {"functional-token router", "tf-idf + LR", "MiniLM embeddings + LR (20 train rows)"}
+    for summary in res["models"].values():
+        assert set(summary["per_source"]) == {"alpha", "beta"}
+        assert sum(summary["predicted"].values()) == 8
+    assert res["recipe"]["layers"] == 1 and res["recipe"]["max_steps"] == 2
+
+    # A deadline that has already passed starts no router fold: nothing is reported as done.
+    late = tmp_path / "late.json"
+    assert loso_main([*args, "--no-baselines", "--deadline", "1e-9", "--out", str(late)]) == 0
+    res = json.loads(late.read_text())
+    assert res["folds"] == [] and res["models"] == {} and res["note"].startswith("Per-source LOSO: 0 of 2 folds")
+
+
+def test_from_scratch_ablation_replaces_the_warm_start() -> None:
+    from router_model.model import minilm_path
+    from router_model.train import build_lm, parser
+
+    words = __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(minilm_path() / "model.safetensors"))["embeddings.word_embeddings.weight"]
+    labels = ["a", "b"]
+    warm, _, _ = build_lm(parser().parse_args(["--layers", "1"]), labels)
+    cold, _, _ = build_lm(parser().parse_args(["--layers", "1", "--from-scratch"]), labels)
+    assert warm.cfg == cold.cfg
+    warm_row, cold_row = warm.wte.weight[1000].detach(), cold.wte.weight[1000].detach()
+    # The warm start folds the token-type row into the word vectors; from scratch shares nothing with MiniLM.
+    assert float(torch.corrcoef(torch.stack([warm_row, words[1000]]))[0, 1]) > 0.8
+    assert abs(float(torch.corrcoef(torch.stack([cold_row, words[1000]]))[0, 1])) < 0.3
+    assert float(cold.wte.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+
+
+def test_serving_precision_is_explicit_and_validated(tmp_path: Path) -> None:
+    from router_model.router import resolve_precision
+
+    assert resolve_precision("auto") in ("bf16", "int8")
+    assert resolve_precision("fp32") == "fp32"
+    with pytest.raises(ValueError, match="one of auto, bf16, int8, fp32"):
+        resolve_precision("fp8")

@@ -1,0 +1,198 @@
+"""Leave-one-source-out (LOSO): how the router, and the baselines, do on query sources they never saw.
+
+    python -m router_model.loso [--folds per-source|reduced] [--steps 1200] [--ablations]
+        [--device cuda] [--jobs 8] [--set lr=3e-4 ...] [--out router_model/checkpoint/loso.json]
+
+Each fold removes whole source families from training (and from the dev rows used for early stopping);
+up to ``--per-source`` rows of each held-out family (train and dev) are then predicted by models that
+never saw it. ``per-source`` holds out one family per fold (every family with ≥ ``--min-rows`` rows); ``reduced``
+holds out five at once in two folds (cheap enough for CPUs). The router is retrained per fold with the
+shipped checkpoint's recipe (``--set`` overrides it); ``--ablations`` adds the same recipe without
+augmentation/mixing and from random weights. tf-idf + LR and MiniLM embeddings + LR are refit per fold.
+Router folds run as parallel processes (``--jobs``); results are rewritten after every finished fold, so
+an interrupted run still reports the folds it completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import random
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from router_model.eval import DEFAULT_CHECKPOINT, classification, read_jsonl
+from router_model.train import DEFAULT_DATA, stratified
+
+REDUCED_FOLDS = (
+    ("banking77", "conditionalqa", "spider", "gsm8k", "nq_open"),
+    ("clinc150", "nl2bash", "legalbench", "hendrycks_math", "oasst"),
+)
+MIN_FAMILY_ROWS = 100
+ROUTER = "functional-token router"
+ABLATIONS: dict[str, dict[str, Any]] = {f"{ROUTER}, no augmentation/mixing": {"augment": False, "mix": 0.0},
+             f"{ROUTER}, from scratch": {"from_scratch": True}}
+RECIPE_KEYS = ("layers", "max_len", "batch_size", "lr", "freeze_blocks", "freeze_embeddings", "augment", "mix",
+               "dropout", "weight_decay", "seed", "max_steps", "from_scratch")
+
+
+def family(row: dict[str, Any]) -> str:
+    return str(row.get("source", "")).split("/")[0]
+
+
+def per_source_folds(rows: Sequence[dict[str, Any]], min_rows: int = MIN_FAMILY_ROWS) -> list[tuple[str, ...]]:
+    counts = Counter(family(r) for r in rows)
+    return [(f,) for f, n in sorted(counts.items()) if n >= min_rows]
+
+
+def recipe(checkpoint: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """train.py's defaults, then the shipped checkpoint's recipe, then ``overrides``."""
+    from router_model.train import parser
+
+    ns = vars(parser().parse_args([]))
+    metrics = checkpoint / "metrics.json"
+    if metrics.exists():
+        shipped = json.loads(metrics.read_text())["train"]["args"]
+        ns.update({k: shipped[k] for k in RECIPE_KEYS if k in shipped})
+    ns.update(overrides)
+    return ns
+
+
+def train_and_predict(ns: dict[str, Any], texts: list[str]) -> list[str]:
+    """One router fold, in a worker process: train with ``ns`` into a temporary folder, predict ``texts``."""
+    from router_model.interface import Message
+    from router_model.router import FunctionalTokenRouter
+    from router_model.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train(argparse.Namespace(**{**ns, "out": tmp}))
+        router = FunctionalTokenRouter.load(tmp, threads=ns["threads"])
+        return [r.top[0] for r in router.route_batch([[Message("user", t)] for t in texts])]
+
+
+def summary(rows: Sequence[dict[str, Any]], pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """Pooled macro-F1 over every held-out row, accuracy per held-out family, and what was predicted."""
+    gold = [r["label"] for r in rows]
+    by_src: dict[str, list[bool]] = defaultdict(list)
+    for r, p in zip(rows, pred, strict=True):
+        by_src[family(r)].append(r["label"] == p)
+    per_source = {s: sum(v) / len(v) for s, v in by_src.items()}
+    m = classification(gold, pred, labels)
+    return {"pooled_macro_f1": m["macro_f1"], "pooled_accuracy": m["accuracy"],
+            "mean_source_accuracy": sum(per_source.values()) / len(per_source), "per_source": per_source,
+            "predicted": dict(Counter(pred)), "per_label_f1": {k: v["f1"] for k, v in m["per_label"].items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m router_model.loso", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="whose recipe is retrained per fold")
+    ap.add_argument("--out", help="result JSON (default CHECKPOINT/loso.json, which the model card shows)")
+    ap.add_argument("--folds", choices=["per-source", "reduced"], default="per-source")
+    ap.add_argument("--steps", type=int, default=0, help="router steps per fold (0: the recipe's own)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="recipe overrides, e.g. lr=3e-4")
+    ap.add_argument("--ablations", action="store_true", help="also without augmentation, and from scratch")
+    ap.add_argument("--no-baselines", dest="baselines", action="store_false")
+    ap.add_argument("--per-source", type=int, default=300, help="held-out rows sampled per family")
+    ap.add_argument("--min-rows", type=int, default=MIN_FAMILY_ROWS, help="per-source: smallest family held out")
+    ap.add_argument("--embed-train", type=int, default=6000, help="stratified train rows for MiniLM + LR (0: all)")
+    ap.add_argument("--device", default="cpu", help="router training device (e.g. cuda)")
+    ap.add_argument("--jobs", type=int, default=1, help="router folds trained at once")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per job")
+    ap.add_argument("--deadline", type=float, default=0, help="seconds after which no new fold starts (0: none)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else ckpt / "loso.json"
+    train = read_jsonl(Path(args.data) / "train.jsonl")
+    dev = read_jsonl(Path(args.data) / "dev.jsonl")
+    allrows = train + dev
+    labels = sorted({r["label"] for r in train})
+    folds = list(REDUCED_FOLDS) if args.folds == "reduced" else per_source_folds(allrows, args.min_rows)
+    rng = random.Random(0)
+    tests = [[r for src in fold for r in rng.sample([r for r in allrows if family(r) == src],
+                                                    min(args.per_source, sum(family(r) == src for r in allrows)))]
+             for fold in folds]
+
+    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    base = recipe(ckpt, {**overrides, "data": args.data, "train": None, "dev": None, "latency_n": 0, "limit": 0,
+                         "threads": args.threads, "device": args.device, "quiet": True})
+    if args.steps:
+        base["max_steps"] = args.steps
+    base["eval_every"] = max(1, base["max_steps"] // 4)
+    variants: dict[str, dict[str, Any]] = {ROUTER: {}, **(ABLATIONS if args.ablations else {})}
+
+    preds: dict[tuple[str, int], list[str]] = {}
+    ctx = mp.get_context("spawn")  # CUDA and torch's thread pools do not survive fork
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        pending: dict[Future[list[str] | None], tuple[str, int]] = {}
+        for k, (fold, test) in enumerate(zip(folds, tests, strict=True)):
+            for name, change in variants.items():
+                ns = {**base, **change, "exclude_sources": list(fold)}
+                pending[pool.submit(_deadlined, ns, [r["text"] for r in test], t0, args.deadline)] = (name, k)
+        if args.baselines:
+            _baselines(preds, train, dev, folds, tests, args.embed_train)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                key = pending.pop(fut)
+                result = fut.result()
+                if result is not None:
+                    preds[key] = result
+            _write(out, args, base, variants, folds, tests, labels, preds, time.time() - t0)
+    print(out.read_text())
+    return 0
+
+
+def _deadlined(ns: dict[str, Any], texts: list[str], t0: float, deadline: float) -> list[str] | None:
+    if deadline and time.time() - t0 > deadline:
+        return None
+    return train_and_predict(ns, texts)
+
+
+def _baselines(preds: dict[tuple[str, int], list[str]], train: list[dict[str, Any]], dev: list[dict[str, Any]],
+               folds: Sequence[tuple[str, ...]], tests: Sequence[list[dict[str, Any]]], embed_train: int) -> None:
+    from router_model.baselines import embed_lr, minilm_embeddings, tfidf_lr
+
+    emb_train = stratified(train, embed_train, 0) if embed_train else train
+    todo = {r["id"]: r["text"] for r in [*emb_train, *(r for t in tests for r in t)]}
+    emb = dict(zip(todo, minilm_embeddings(list(todo.values())), strict=True))
+    minilm = f"MiniLM embeddings + LR ({len(emb_train)} train rows)"
+    for k, (fold, test) in enumerate(zip(folds, tests, strict=True)):
+        keep = [r for r in train if family(r) not in fold]
+        preds[("tf-idf + LR", k)] = tfidf_lr(keep, [test])[0]
+        preds[(minilm, k)] = embed_lr(emb, [r for r in emb_train if family(r) not in fold], [test])[0]
+
+
+def _write(out: Path, args: argparse.Namespace, base: dict[str, Any], variants: dict[str, dict[str, Any]],
+           folds: Sequence[tuple[str, ...]], tests: Sequence[list[dict[str, Any]]], labels: list[str],
+           preds: dict[tuple[str, int], list[str]], seconds: float) -> None:
+    """Summaries over the folds every model has finished (so models are compared on the same rows)."""
+    models = sorted(set(variants) | {name for name, _ in preds}, key=lambda n: (n.startswith(ROUTER), n))
+    done = [k for k in range(len(folds)) if all((m, k) in preds for m in models)]
+    held = [r for k in done for r in tests[k]]
+    how = ("one source family per fold" if args.folds == "per-source" else
+           f"{len(folds[0])} source families at once per fold")
+    result = {
+        "note": f"{'Per-source' if args.folds == 'per-source' else 'Reduced'} LOSO: {len(done)} of {len(folds)} "
+                f"folds, {how} (all its train+dev rows held out, up to {args.per_source} sampled per family, also "
+                "removed from the early-stopping dev rows). The router is retrained per fold with the recipe below; "
+                "baselines are refit per fold on the same rows.",
+        "recipe": {k: base[k] for k in RECIPE_KEYS}, "variants": variants, "device": args.device,
+        "seconds": round(seconds), "folds": [list(folds[k]) for k in done],
+        "sources": [s for k in done for s in folds[k]], "n": len(held),
+        "models": {m: summary(held, [p for k in done for p in preds[(m, k)]], labels) for m in models} if held else {},
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
