@@ -5,13 +5,18 @@ Two paths:
 * one step per token (sampling, dlf, and any set with a ``local`` expert): every expert's top-k in
   parallel, then exact log-probs for the union in parallel (free for exact local rows), fuse, choose.
   Greedy weighted steps skip the second round trip when the top-k lists already prove the winner;
-* greedy speculative fusion (weighted, temperature 0, every expert ``vllm``): the heaviest expert drafts
-  several greedy tokens in one call (``draft_tokens`` at first; doubled after a fully accepted draft up
-  to ``MAX_DRAFT``, halved down to ``MIN_DRAFT`` after a rejection; after a draft rejected at its first
-  token, single steps until the fused choice is the leader's own again), the others score the draft in
-  one ``echo`` call each (the leader drafts on meanwhile, betting on acceptance),
-  and a drafted token is accepted while ``certain_winner`` proves it is the fused argmax. At the first
-  token it cannot prove, the exact log-probs of the union at that position decide it (one more round).
+* greedy speculative fusion (weighted, temperature 0, every expert ``vllm``): every expert drafts the same
+  number of greedy tokens from the same prefix, in parallel, one call each. While all drafts agree the token
+  is every expert's argmax, hence the fused argmax: accepted with no further call (on CPU a drafted token
+  costs ~1/5 of a round trip, so agreement runs decode at nearly plain speed). At the first disagreement the
+  drafts' top-k rows (same prefix) decide the fused token (``_decide``: ``certain_winner`` or one exact
+  round). If that token is the heaviest expert's own, its draft goes on: the others score the rest of it in
+  one ``echo`` call each and tokens are accepted while provably the fused argmax. After a fully agreed
+  round the experts are likely to keep agreeing, so rounds switch to that cheaper shape outright: the
+  leader drafts alone (and drafts on ahead while the others score, betting on acceptance) and the others
+  only score, a prefill instead of a decode; the first rejection switches back to joint drafts. Draft sizes
+  adapt: times ``DRAFT_GROWTH`` after full acceptance (up to ``MAX_DRAFT``), twice the accepted run after a
+  rejection (at least ``MIN_DRAFT``), so an early disagreement wastes little server time.
   Both paths pick the same greedy tokens: speculation only saves round trips.
 
 An expert that fails or times out is dropped for the rest of the request (logged, reported through
@@ -38,8 +43,8 @@ log = logging.getLogger("octoroute.fusion")
 Mode = Literal["weighted", "dlf"]
 T = TypeVar("T")
 DEFAULT_MAX_TOKENS = {"chat": 512, "completions": 16}  # OpenAI's completions default; chat: a sane cap
-# A drafted token costs ~1/20 of a round trip on CPU, so drafts stay long even after rejections.
-MIN_DRAFT, MAX_DRAFT = 8, 128
+MIN_DRAFT, MAX_DRAFT = 4, 128
+DRAFT_GROWTH = 4  # draft size factor after a fully agreed round (agreement runs tend to be long)
 # Top-k asked of verifiers: echo scoring returns it for every prompt position, so it is kept small; a
 # tighter bound only matters when experts disagree, and then the exact step decides anyway.
 SCORE_K = 2
@@ -92,7 +97,7 @@ class FusedDecoder:
 
     def __init__(self, members: Sequence[tuple[LogprobSource, float]], *, mode: Mode = "weighted", top_k: int = 20,
                  bases: tuple[LogprobSource, LogprobSource] | None = None, hooks: FusionHooks | None = None,
-                 draft_tokens: int = 16) -> None:
+                 draft_tokens: int = 8) -> None:
         """``draft_tokens`` = 0 turns greedy speculation off (one fused step per token)."""
         if not members:
             raise ValueError("fusion needs at least one expert")
@@ -104,8 +109,8 @@ class FusedDecoder:
         self.top_k = top_k
         self.hooks = hooks or FusionHooks()
         self.draft_tokens = draft_tokens
-        self._draft = draft_tokens  # adapts: doubles after a fully accepted draft, halves after a rejection
-        self._paused = False  # after a draft rejected at its first token: single steps until the leader wins one
+        self._draft = draft_tokens  # adapts to the agreement runs seen so far (module docstring)
+        self._agreeing = False  # after a fully agreed joint round: leader rounds until a draft is rejected
         # The leader's next draft, started while the current one is verified: (ids, leader, size, task).
         self._ahead: tuple[list[int], Member, int, asyncio.Future[tuple[list[int], list[TopK]]]] | None = None
         self.dropped: list[str] = []
@@ -132,6 +137,7 @@ class FusedDecoder:
 
     async def _gather(self, members: Sequence[Member], call: Callable[[Member], Awaitable[T]]) -> dict[Member, T]:
         """Run ``call`` for each member in parallel; drop the ones that fail; results of the others."""
+        members = list(members)  # a failure removes its member from self.members below
         results = await asyncio.gather(*(call(m) for m in members), return_exceptions=True)
         out: dict[Member, T] = {}
         for member, result in zip(members, results, strict=True):
@@ -195,11 +201,7 @@ class FusedDecoder:
 
     async def _step(self, ids: list[int], params: Params) -> list[int]:
         rows = await self._gather(self._everyone, lambda m: m.source.top(ids, self.top_k))
-        token = await self._decide(ids, rows, params)
-        leader = max(self.members, key=lambda m: m.weight)
-        if leader in rows and rows[leader].ids[int(np.argmax(rows[leader].lps))] == token:
-            self._paused = False  # the leader's own choice won again: worth drafting from it
-        return [token]
+        return [await self._decide(ids, rows, params)]
 
     # -- greedy speculative fusion --------------------------------------------------------------------
     def _speculative(self, params: Params) -> bool:
@@ -227,6 +229,39 @@ class FusedDecoder:
         return best if self._certain(best, rows) else None
 
     async def _round(self, ids: list[int], params: Params, budget: int) -> list[int]:
+        if self._agreeing:
+            return await self._leader_round(ids, params, budget)
+        return await self._joint_round(ids, params, budget)
+
+    async def _joint_round(self, ids: list[int], params: Params, budget: int) -> list[int]:
+        """Every expert drafts from ``ids``; the run on which all agree is accepted (module docstring)."""
+        size = min(self._draft, budget)
+        drafts = await self._gather(self.members, lambda m: _remote(m).draft(ids, size, self.top_k))
+        members = list(drafts)
+        agreed = min(len(tokens) for tokens, _ in drafts.values())
+        if agreed == 0:
+            return await self._step(ids, params)
+        accepted: list[int] = []
+        for j in range(agreed):
+            column = {drafts[m][0][j] for m in members}
+            if len(column) == 1:  # every expert's greedy choice, hence the fused argmax
+                accepted.append(column.pop())
+                continue
+            choice = await self._decide([*ids, *accepted], {m: drafts[m][1][j] for m in members}, params)
+            accepted.append(choice)
+            leader = max(members, key=lambda m: m.weight)
+            if choice == drafts[leader][0][j] and len(drafts[leader][0]) > j + 1:
+                tail, tail_rows = drafts[leader][0][j + 1 :], drafts[leader][1][j + 1 :]
+                accepted += (await self._verify([*ids, *accepted], leader, tail, tail_rows, params))[0]
+            self._draft = min(max(MIN_DRAFT, 2 * len(accepted)), MAX_DRAFT)
+            return accepted
+        if agreed == size:
+            self._draft = min(self._draft * DRAFT_GROWTH, MAX_DRAFT)
+            self._agreeing = True
+        return accepted
+
+    async def _leader_round(self, ids: list[int], params: Params, budget: int) -> list[int]:
+        """While the experts agree: the leader drafts (and drafts on ahead), the others only verify."""
         leader = max(self.members, key=lambda m: m.weight)
         size = min(self._draft, budget)
         ahead, self._ahead = self._ahead, None
@@ -238,29 +273,39 @@ class FusedDecoder:
         if leader not in drafted:
             return []  # the leader was dropped; the next round drafts from another expert
         tokens, leader_rows = drafted[leader]
-        others = [m for m in self.members if m is not leader]
-        next_size = min(self._draft * 2, MAX_DRAFT, budget - len(tokens))
-        if len(tokens) == size and next_size > 0 and others:  # bet that the draft is accepted: draft on now
+        next_size = min(self._draft * DRAFT_GROWTH, MAX_DRAFT, budget - len(tokens))
+        if len(tokens) == size and next_size > 0:  # bet that the draft is accepted: draft on now
             nxt = [*ids, *tokens]
             task = asyncio.ensure_future(_remote(leader).draft(nxt, next_size, self.top_k))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception not retrieved"
             self._ahead = (nxt, leader, next_size, task)
+        accepted, complete = await self._verify(ids, leader, tokens, leader_rows, params)
+        if not complete:
+            self.cancel_lookahead()
+            self._agreeing = False
+            self._draft = min(max(MIN_DRAFT, 2 * len(accepted)), MAX_DRAFT)
+        elif len(tokens) == size:
+            self._draft = min(self._draft * DRAFT_GROWTH, MAX_DRAFT)
+        return accepted
+
+    async def _verify(self, ids: list[int], leader: Member, tokens: list[int], leader_rows: list[TopK],
+                      params: Params) -> tuple[list[int], bool]:
+        """The leader's draft after ``ids``, scored by the others (one ``echo`` call each): accepted while
+        provably the fused argmax, then the fused choice at the first token that is not. ``True`` when the
+        whole draft was accepted."""
+        others = [m for m in self.members if m is not leader]
         scored: dict[Member, list[TopK]] = await self._gather(
             others, lambda m: _remote(m).score(ids, tokens, SCORE_K))
+        if leader not in self.members:
+            return [], False
         accepted: list[int] = []
         for j, token in enumerate(tokens):
             rows = [(leader, leader_rows[j]), *((m, s[j]) for m, s in scored.items())]
-            if self._certain(token, rows):
-                accepted.append(token)
-                continue
-            self.cancel_lookahead()
-            accepted.append(await self._decide([*ids, *accepted], dict(rows), params))
-            self._draft = max(MIN_DRAFT, self._draft // 2)
-            self._paused = j == 0
-            return accepted
-        if len(tokens) == size:
-            self._draft = min(self._draft * 2, MAX_DRAFT)
-        return accepted
+            if not self._certain(token, rows):
+                accepted.append(await self._decide([*ids, *accepted], dict(rows), params))
+                return accepted, False
+            accepted.append(token)
+        return accepted, True
 
     def cancel_lookahead(self) -> None:
         """Drop the draft started ahead of verification (rejected draft, or the request ended)."""
@@ -270,7 +315,7 @@ class FusedDecoder:
 
     async def next_tokens(self, ids: list[int], params: Params, budget: int) -> list[int]:
         """One or more next tokens (several when a speculative round accepts a draft)."""
-        if self._speculative(params) and not self._paused:
+        if self._speculative(params):
             return await self._round(ids, params, budget)
         return await self._step(ids, params)
 
