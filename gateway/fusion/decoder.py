@@ -97,7 +97,7 @@ class FusedDecoder:
 
     def __init__(self, members: Sequence[tuple[LogprobSource, float]], *, mode: Mode = "weighted", top_k: int = 20,
                  bases: tuple[LogprobSource, LogprobSource] | None = None, hooks: FusionHooks | None = None,
-                 draft_tokens: int = 8) -> None:
+                 draft_tokens: int = MIN_DRAFT) -> None:
         """``draft_tokens`` = 0 turns greedy speculation off (one fused step per token)."""
         if not members:
             raise ValueError("fusion needs at least one expert")

