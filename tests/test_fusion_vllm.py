@@ -175,7 +175,8 @@ async def test_dlf_through_vllm_matches_the_same_rule_in_process(servers: dict[s
     def local(name: str, cls: type[LocalSource] = LocalSource) -> LocalSource:
         return cls(LocalExpert(ExpertConfig(name=name, backend="local", path=str(demo_experts_dir / name))))
 
-    remote = dict(zip(NAMES, (s for s, _ in sources(remote_experts(servers))), strict=True))
+    experts = remote_experts(servers)
+    remote = dict(zip(NAMES, (s for s, _ in sources(experts)), strict=True))
     general, finance = local("general"), local("finance")
     reference = FusedDecoder([(local("code", TopKOnlyLocal), 1.0), (finance, 1.0)], mode="dlf",
                              bases=(local("math", TopKOnlyLocal), general))
@@ -190,6 +191,8 @@ async def test_dlf_through_vllm_matches_the_same_rule_in_process(servers: dict[s
             same += (await through_vllm.next_tokens([*ids, *seq], params, 1))[0] == want
             total += 1
             seq.append(want)
+    for e, _ in experts:
+        await e.aclose()
     print(f"\ndlf (top-k) agreement through vLLM over {total} tokens: {same}")
     assert same / total >= 0.95, f"{same}/{total}"
 
