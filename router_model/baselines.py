@@ -1,6 +1,7 @@
 """Dev baselines, on the same data in the same run: tf-idf + logistic regression, MiniLM sentence embeddings
-+ LR, and the shipped functional-token router (int8 as served, and fp32). Results go to ``baselines.json`` in
-the checkpoint and into its model card; ``router_model.loso`` compares the same models on unseen sources.
++ LR, and the shipped functional-token router at each serving precision (bf16, int8, fp32). Results go to
+``baselines.json`` in the checkpoint and into its model card; ``router_model.loso`` compares the same models
+on unseen sources.
 """
 
 from __future__ import annotations

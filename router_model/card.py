@@ -50,7 +50,7 @@ LIMITATIONS = [
 ]
 
 
-def _ablation(m: dict[str, Any], base: dict[str, Any] | None, loso: dict[str, Any] | None) -> list[str]:
+def _ablation(m: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
     out = [DEPTH_NOTE, *DEV_NOTES]
     if base:
         q = {k: v["macro_f1"] for k, v in base.items() if k.startswith("functional-token router")}
@@ -108,8 +108,9 @@ def write_model_card(ckpt: Path) -> None:
         "",
         "## Reproduce",
         f"`{REPRODUCE}` (seed {args.get('seed')}; add `--device cuda` on a GPU). The shipped checkpoint was "
-        f"trained on {where} "
-        f"in {tr.get('seconds')} s; on this repo's 2-core CPU machines the same command takes about 50 minutes. "
+        f"trained on {where} in {tr.get('seconds')} s; on this repo's 2-core CPU machines the same command should "
+        "take roughly 70 minutes (estimated: the 1200-step frozen-embedding recipe took 1157 s there, and training "
+        "the embeddings costs ~1/3 more per step). "
         "Then `python -m router_model.baselines`, `python -m router_model.loso --folds reduced` and "
         "`python -m router_model.bench` add the comparison, held-out-source and latency sections.",
         f"Training: {tr.get('steps')} steps (best at {tr.get('best_step')}), batch {args.get('batch_size')}, "
@@ -151,7 +152,7 @@ def write_model_card(ckpt: Path) -> None:
     bench = _load(ckpt / "bench.json")
     if bench:
         lines += ["", "## Latency (router_model/bench.py)", "```", json.dumps(bench, indent=1), "```"]
-    lines += ["", "## Ablation", *_ablation(m, base, loso)]
+    lines += ["", "## Ablation", *_ablation(m, base)]
     abl = _load(ckpt / "ablation.json")
     if abl:
         lines += _variants(abl)

@@ -117,9 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     allrows = train + dev
     labels = sorted({r["label"] for r in train})
     folds = list(REDUCED_FOLDS) if args.folds == "reduced" else per_source_folds(allrows, args.min_rows)
+    by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in allrows:
+        by_family[family(r)].append(r)
     rng = random.Random(0)
-    tests = [[r for src in fold for r in rng.sample([r for r in allrows if family(r) == src],
-                                                    min(args.per_source, sum(family(r) == src for r in allrows)))]
+    tests = [[r for src in fold for r in rng.sample(by_family[src], min(args.per_source, len(by_family[src])))]
              for fold in folds]
 
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}

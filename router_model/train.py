@@ -34,6 +34,7 @@ from router_model.model import (
     FUNCTIONAL_TOKEN,
     CausalLM,
     HFCausalLM,
+    ModelConfig,
     init_rows,
     load_minilm,
     logits_for,
@@ -87,14 +88,15 @@ def build_lm(args: argparse.Namespace, labels: list[str]) -> tuple[Any, Any, dic
         with safe_open(str(minilm_path() / "model.safetensors"), "pt") as f:
             emb = f.get_tensor("embeddings.word_embeddings.weight")
         pieces = [tok(n, add_special_tokens=False)["input_ids"] for n in names]
-        lm = load_minilm(args.layers, init_rows(emb, pieces), dropout=args.dropout)
         if args.from_scratch:  # ablation: same tokenizer and shape, random weights (BERT's init)
-            lm = CausalLM(lm.cfg)
+            lm = CausalLM(ModelConfig(vocab_size=len(tok), n_layer=args.layers, dropout=args.dropout))
             for mod in lm.modules():
                 if isinstance(mod, nn.Linear | nn.Embedding):
                     nn.init.normal_(mod.weight, std=0.02)
                 if isinstance(mod, nn.Linear):
                     nn.init.zeros_(mod.bias)
+        else:
+            lm = load_minilm(args.layers, init_rows(emb, pieces), dropout=args.dropout)
         fields = {"arch": "native", "model": lm.cfg.to_dict(), "prefix_ids": [tok.cls_token_id],
                   "suffix_ids": [tok.sep_token_id], "pad_id": tok.pad_token_id, "n_orig_vocab": n_orig}
     else:

@@ -253,10 +253,10 @@ class FusedDecoder:
             if choice == drafts[leader][0][j] and len(drafts[leader][0]) > j + 1:
                 tail, tail_rows = drafts[leader][0][j + 1 :], drafts[leader][1][j + 1 :]
                 accepted += (await self._verify([*ids, *accepted], leader, tail, tail_rows, params))[0]
-            self._draft = min(max(MIN_DRAFT, 2 * len(accepted)), MAX_DRAFT)
+            self._draft = self._size_after_rejection(len(accepted))
             return accepted
         if agreed == size:
-            self._draft = min(self._draft * DRAFT_GROWTH, MAX_DRAFT)
+            self._draft = self._grown()
             self._agreeing = True
         return accepted
 
@@ -273,7 +273,7 @@ class FusedDecoder:
         if leader not in drafted:
             return []  # the leader was dropped; the next round drafts from another expert
         tokens, leader_rows = drafted[leader]
-        next_size = min(self._draft * DRAFT_GROWTH, MAX_DRAFT, budget - len(tokens))
+        next_size = min(self._grown(), budget - len(tokens))
         if len(tokens) == size and next_size > 0:  # bet that the draft is accepted: draft on now
             nxt = [*ids, *tokens]
             task = asyncio.ensure_future(_remote(leader).draft(nxt, next_size, self.top_k))
@@ -283,10 +283,19 @@ class FusedDecoder:
         if not complete:
             self.cancel_lookahead()
             self._agreeing = False
-            self._draft = min(max(MIN_DRAFT, 2 * len(accepted)), MAX_DRAFT)
+            self._draft = self._size_after_rejection(len(accepted))
         elif len(tokens) == size:
-            self._draft = min(self._draft * DRAFT_GROWTH, MAX_DRAFT)
+            self._draft = self._grown()
         return accepted
+
+    def _grown(self) -> int:
+        """The next draft size after a fully accepted draft."""
+        return min(self._draft * DRAFT_GROWTH, MAX_DRAFT)
+
+    @staticmethod
+    def _size_after_rejection(accepted: int) -> int:
+        """Twice the run just accepted: an early disagreement keeps the next draft (and its waste) small."""
+        return min(max(MIN_DRAFT, 2 * accepted), MAX_DRAFT)
 
     async def _verify(self, ids: list[int], leader: Member, tokens: list[int], leader_rows: list[TopK],
                       params: Params) -> tuple[list[int], bool]:
