@@ -21,8 +21,9 @@ from gateway.experts.base import UpstreamError
 from gateway.experts.local import LocalExpert
 from gateway.experts.vllm import VllmExpert
 from gateway.fusion import FusionHooks, fused_stream
-from gateway.fusion.decoder import FusedDecoder, Params
+from gateway.fusion.decoder import FusedDecoder
 from gateway.fusion.sources import LocalSource, LogprobSource, TopK, source_for
+from tests.benchmarks.fusion_bench import teacher_forced
 
 pytestmark = pytest.mark.vllm
 NAMES = ("math", "code")
@@ -81,23 +82,12 @@ async def test_greedy_agreement_with_exact_local_fusion(servers: dict[str, Any],
     remote = remote_experts(servers)
     exact = FusedDecoder(local)
     speculative, per_token = FusedDecoder(sources(remote)), FusedDecoder(sources(remote), draft_tokens=0)
-    params = Params(max_tokens=STEPS, temperature=0.0)
-    eos = local[0][0].eos_ids
-    agree = {"speculative": 0, "per_token": 0}
-    total = 0
     for prompt in PROMPTS:
         body = {"messages": [{"role": "user", "content": prompt}]}
-        ids = await local[0][0].prompt_ids("chat", body)
-        assert await sources(remote)[0][0].prompt_ids("chat", body) == ids  # /tokenize == local chat template
-        seq: list[int] = []
-        for _ in range(STEPS):  # teacher-forced on the exact sequence: every position is compared
-            want = (await exact.next_tokens([*ids, *seq], params, 1))[0]
-            agree["speculative"] += (await speculative.next_tokens([*ids, *seq], params, 1))[0] == want
-            agree["per_token"] += (await per_token.next_tokens([*ids, *seq], params, 1))[0] == want
-            total += 1
-            if want in eos:
-                break
-            seq.append(want)
+        # /tokenize == local chat template
+        assert await sources(remote)[0][0].prompt_ids("chat", body) == await local[0][0].prompt_ids("chat", body)
+    counts, total = await teacher_forced(exact, [speculative, per_token], PROMPTS, STEPS, local[0][0].eos_ids)
+    agree = dict(zip(("speculative", "per_token"), counts, strict=True))
     # Same tokenizer through /tokenize and in-process: one fingerprint, so the two backends may be fused.
     assert await local[0][0].fingerprint() == await sources(remote)[0][0].fingerprint()
     print(f"\ngreedy agreement over {total} tokens: {agree}")
@@ -181,16 +171,7 @@ async def test_dlf_through_vllm_matches_the_same_rule_in_process(servers: dict[s
     reference = FusedDecoder([(local("code", TopKOnlyLocal), 1.0), (finance, 1.0)], mode="dlf",
                              bases=(local("math", TopKOnlyLocal), general))
     through_vllm = FusedDecoder([(remote["code"], 1.0), (finance, 1.0)], mode="dlf", bases=(remote["math"], general))
-    params = Params(max_tokens=STEPS, temperature=0.0)
-    same = total = 0
-    for prompt in PROMPTS[:4]:
-        ids = await general.prompt_ids("chat", {"messages": [{"role": "user", "content": prompt}]})
-        seq: list[int] = []
-        for _ in range(STEPS):
-            want = (await reference.next_tokens([*ids, *seq], params, 1))[0]
-            same += (await through_vllm.next_tokens([*ids, *seq], params, 1))[0] == want
-            total += 1
-            seq.append(want)
+    (same,), total = await teacher_forced(reference, [through_vllm], PROMPTS[:4], STEPS)
     for e, _ in experts:
         await e.aclose()
     print(f"\ndlf (top-k) agreement through vLLM over {total} tokens: {same}")

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,27 @@ async def _fused(chosen: list[tuple[VllmExpert, float]], body: dict[str, Any], d
     return usage["completion_tokens"]
 
 
+async def teacher_forced(reference: FusedDecoder, candidates: Sequence[FusedDecoder], prompts: Sequence[str],
+                         steps: int, eos: Collection[int] = ()) -> tuple[list[int], int]:
+    """Greedy tokens each candidate picks as ``reference`` does, every position teacher-forced on the reference's
+    own sequence (so each one is compared, not only a shared prefix); also the number of positions. A reference
+    token in ``eos`` ends that prompt."""
+    params = Params(max_tokens=steps, temperature=0.0)
+    same, total = [0] * len(candidates), 0
+    for prompt in prompts:
+        ids = await reference.members[0].source.prompt_ids("chat", {"messages": [{"role": "user", "content": prompt}]})
+        seq: list[int] = []
+        for _ in range(steps):
+            want = (await reference.next_tokens([*ids, *seq], params, 1))[0]
+            for i, candidate in enumerate(candidates):
+                same[i] += (await candidate.next_tokens([*ids, *seq], params, 1))[0] == want
+            total += 1
+            if want in eos:
+                break
+            seq.append(want)
+    return same, total
+
+
 async def agreement(chosen: list[tuple[VllmExpert, float]], demo: Path, steps: int = 16) -> float:
     """Teacher-forced greedy agreement of fusion through vLLM with exact float32 in-process fusion."""
     from gateway.experts.local import LocalExpert
@@ -78,16 +100,7 @@ async def agreement(chosen: list[tuple[VllmExpert, float]], demo: Path, steps: i
               w) for e, w in chosen]
     exact = FusedDecoder([(s, w) for s, w in local if s is not None])
     remote = FusedDecoder([(s, w) for e, w in chosen if (s := source_for(e)) is not None])
-    params = Params(max_tokens=steps, temperature=0.0)
-    same = total = 0
-    for prompt in PROMPTS:
-        ids = await exact.members[0].source.prompt_ids("chat", {"messages": [{"role": "user", "content": prompt}]})
-        seq: list[int] = []
-        for _ in range(steps):
-            want = (await exact.next_tokens([*ids, *seq], params, 1))[0]
-            same += (await remote.next_tokens([*ids, *seq], params, 1))[0] == want
-            total += 1
-            seq.append(want)
+    (same,), total = await teacher_forced(exact, [remote], PROMPTS, steps)
     return same / total
 
 
