@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -28,17 +29,17 @@ PRECISIONS = ("auto", "bf16", "int8", "fp32")
 
 
 def resolve_precision(precision: str) -> str:
-    """``auto``: bf16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16), else int8.
+    """``auto``: bf16 where the CPU has AMX tiles, else int8 (dynamic, per-channel weight scales).
 
-    On a Sapphire Rapids core bf16 and int8 (dynamic, per-channel) have the same batch-1 latency, but bf16
-    routes batches ~1.9x faster and matches fp32's dev predictions; without native bf16 it would be slow.
+    Measured at 64 tokens (bench.py): on a Sapphire Rapids core (AMX) bf16 and int8 have the same batch-1
+    latency but bf16 routes batches ~2.1x faster; on a Zen 4 core (AVX512-BF16, no AMX) bf16 is ~1.5x slower
+    than int8 at batch 1 and ~1.3x slower batched, so AVX512-BF16 alone does not make bf16 worth it.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"router precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision != "auto":
         return precision
-    native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return "bf16" if any(native) else "int8"
+    return "bf16" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "int8"
 
 
 def split_conversation(messages: Sequence[Message], max_turns: int) -> tuple[str, str]:
@@ -49,6 +50,23 @@ def split_conversation(messages: Sequence[Message], max_turns: int) -> tuple[str
         return "", ""
     earlier = turns[max(0, last - max_turns) : last] if max_turns > 0 else []
     return turns[last].content, "\n".join(f"{m.role}: {m.content}" for m in earlier)
+
+
+WINDOW_CHARS_PER_TOKEN = 8  # English word pieces average ~4.5 characters; a short window only costs a retry
+_CUT = re.compile(r"(?<=\S)\s")  # a word ends / a whitespace run starts: every pre-tokeniser splits there
+
+
+def _window(text: str, width: int, keep_end: bool, slack: int = 256) -> str:
+    """``text``'s first (last) ~``width`` characters, cut where a whitespace run starts; the whole text where
+    there is no such place within ``slack`` characters of the cut."""
+    if len(text) <= width:
+        return text
+    if keep_end:
+        lo = len(text) - width
+        cuts = [m.start() for m in _CUT.finditer(text, max(1, lo - slack), lo + 1)]
+        return text[cuts[-1]:] if cuts else text
+    m = _CUT.search(text, width, width + slack)
+    return text[: m.start()] if m else text
 
 
 @dataclass
@@ -70,16 +88,33 @@ class Codec:
 
     def prompts(self, queries: Sequence[str], contexts: Sequence[str] | None = None) -> list[list[int]]:
         budget = self.max_len - len(self.prefix_ids) - len(self.suffix_ids)
-        qs = self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]
+        qs = self.ids(list(queries), budget, keep_end=False)
         cs: list[list[int]] = [[] for _ in queries]
         if contexts is not None and any(contexts):
-            cs = self.tokenizer([c or "" for c in contexts], add_special_tokens=False)["input_ids"]
+            cs = self.ids([c or "" for c in contexts], budget, keep_end=True)
         out = []
         for q, c in zip(qs, cs, strict=True):
             q = q[:budget]
             room = budget - len(q)
             c = c[len(c) - room :] if room > 0 and c else []
             out.append(self.prefix_ids + c + q + self.suffix_ids)
+        return out
+
+    def ids(self, texts: list[str], n: int, keep_end: bool) -> list[list[int]]:
+        """Each text's first (``keep_end``: last) ``n`` token ids, tokenising only a window of the text.
+
+        Routing reads 64 tokens, but tokenising a whole 100 KB prompt costs ~30 ms; a window of
+        ``n * WINDOW_CHARS_PER_TOKEN`` characters bounds that. The window is cut at a word boundary, where
+        word-piece and byte-level BPE pre-tokenisers split anyway, so its tokens are exactly the text's
+        first (last) ones; a window that yields fewer than ``n`` tokens is redone on the whole text.
+        """
+        windows = [_window(t, n * WINDOW_CHARS_PER_TOKEN, keep_end) for t in texts]
+        out = self.tokenizer(windows, add_special_tokens=False)["input_ids"] if texts else []
+        short = [i for i, (w, t, ids) in enumerate(zip(windows, texts, out, strict=True)) if w != t and len(ids) < n]
+        if short:
+            redo = self.tokenizer([texts[i] for i in short], add_special_tokens=False)["input_ids"]
+            for i, ids in zip(short, redo, strict=True):
+                out[i] = ids
         return out
 
     def target(self, label_idx: int, rewrite: str | None = None) -> list[int]:

@@ -378,7 +378,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dev", help="dev JSONL for early stopping and calibration (default DATA/dev.jsonl)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "checkpoint"))
     ap.add_argument("--base", help="local Hugging Face causal LM folder; default: MiniLM warm start")
-    ap.add_argument("--layers", type=int, default=4, help="MiniLM blocks kept (native model)")
+    ap.add_argument("--layers", type=int, default=3, help="MiniLM blocks kept (native model)")
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--max-turns", type=int, default=2, help="earlier turns kept before the latest user turn")
     ap.add_argument("--epochs", type=int, default=2)
@@ -397,7 +397,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--freeze-blocks", type=int, default=1, help="with --freeze-embeddings: lowest blocks kept frozen")
     ap.add_argument("--es-dev", type=int, default=600, help="dev rows (stratified) checked for early stopping")
     ap.add_argument("--precision", choices=PRECISIONS, default="auto",
-                    help="how the checkpoint is served on CPU (auto: bf16 where native, else int8)")
+                    help="how the checkpoint is served on CPU (auto: bf16 where the CPU has AMX, else int8)")
     ap.add_argument("--exclude-sources", nargs="*", default=[], help="source families left out (LOSO)")
     ap.add_argument("--limit", type=int, default=0, help="random subset of training rows (smoke tests)")
     ap.add_argument("--latency-n", type=int, default=200)

@@ -74,9 +74,11 @@ def test_checkpoint_is_small_and_self_describing(router: FunctionalTokenRouter) 
     assert len(set(cfg["functional_token_ids"])) == len(cfg["labels"])
 
 
-def test_reproduces_model_card_dev_figures(router: FunctionalTokenRouter, metrics: dict) -> None:
+def test_reproduces_model_card_dev_figures(metrics: dict) -> None:
+    """At the precision the card was measured in: ``auto`` picks bf16 or int8 by CPU, and they differ on a few rows."""
     card = metrics["dev"]
     rows = read_jsonl(DEV)
+    router = FunctionalTokenRouter.load(CHECKPOINT, threads=1, precision=metrics["served_precision"])
     got = evaluate(router, rows, latency_n=0)
     assert got["n"] == card["n"] == len(rows)
     same = sum(a == b for a, b in zip(got["predictions"], card["predictions"], strict=True))

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from router_model.eval import classification, ece
 from router_model.interface import Message, select_experts
-from router_model.router import FunctionalTokenRouter, fit_temperature, parse_rewrite, split_conversation
+from router_model.router import Codec, FunctionalTokenRouter, fit_temperature, parse_rewrite, split_conversation
 from router_model.train import augment, calibrate_thresholds
 from router_model.train import main as train_main
 
@@ -109,18 +110,25 @@ def test_native_training_with_rewrites_end_to_end(tmp_path: Path) -> None:
     assert (out / "MODEL_CARD.md").read_text().startswith("# Octoroute router")
 
 
-def _tiny_hf_model(path: Path, texts: list[str]) -> None:
-    """A 2-layer Qwen2 and a byte-level BPE tokenizer trained on ``texts``: no hub access needed."""
+def _byte_bpe(texts: list[str], vocab_size: int = 400) -> Any:
+    """A byte-level BPE tokenizer (the GPT-2 / Qwen family) trained on ``texts``: no hub access needed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<pad>", "<eos>"],
+        vocab_size=vocab_size, special_tokens=["<unk>", "<pad>", "<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+def _tiny_hf_model(path: Path, texts: list[str]) -> None:
+    """A 2-layer Qwen2 and a byte-level BPE tokenizer trained on ``texts``: no hub access needed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = _byte_bpe(texts)
     tok.save_pretrained(str(path))
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -224,10 +232,53 @@ def test_from_scratch_ablation_replaces_the_warm_start() -> None:
     assert float(cold.wte.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
 
 
-def test_serving_precision_is_explicit_and_validated(tmp_path: Path) -> None:
+def test_serving_precision_is_explicit_and_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     from router_model.router import resolve_precision
 
-    assert resolve_precision("auto") in ("bf16", "int8")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto") == "int8"  # AVX512-BF16 alone is slower than int8 (measured on Zen 4)
     assert resolve_precision("fp32") == "fp32"
     with pytest.raises(ValueError, match="one of auto, bf16, int8, fp32"):
         resolve_precision("fp8")
+
+
+EDGE_TEXTS = ["x" * 5000, "a   " * 900, "word\n\n\t " * 400, ("é" * 30 + " ") * 100, "  lead" + " z" * 2000,
+              "日本語のテキスト" * 200, "short", "", "ends with spaces " * 80 + "     "]
+
+
+@pytest.mark.parametrize("kind", ["shipped word pieces", "byte-level BPE"])
+def test_prompt_windows_tokenise_exactly_like_whole_texts(kind: str) -> None:
+    """Only a window of each text is tokenised; its first (last) tokens must be the whole text's."""
+    from transformers import AutoTokenizer
+
+    from router_model import CHECKPOINT
+    from router_model.eval import read_jsonl
+    from router_model.train import DEFAULT_DATA
+
+    texts = [r["text"] for r in read_jsonl(DEFAULT_DATA / "dev.jsonl")] + EDGE_TEXTS
+    tok = AutoTokenizer.from_pretrained(str(CHECKPOINT)) if kind.startswith("shipped") else _byte_bpe(texts[:500])
+    codec = Codec(tok, [], [], [], 0, 0, max_len=62)
+    whole = tok(texts, add_special_tokens=False)["input_ids"]
+    for n in (62, 7):
+        heads, tails = codec.ids(texts, n, keep_end=False), codec.ids(texts, n, keep_end=True)
+        assert [h[:n] for h in heads] == [w[:n] for w in whole]
+        assert [t[len(t) - n:] if len(t) > n else t for t in tails] == [w[len(w) - n:] if len(w) > n else w
+                                                                      for w in whole]
+
+
+def test_a_huge_prompt_is_not_tokenised_whole() -> None:
+    """A 100 KB prompt costs the router a window, not a full tokenisation (~30 ms on these machines)."""
+    seen: list[int] = []
+
+    class Counting:
+        def __call__(self, texts: list[str], add_special_tokens: bool) -> dict[str, list[list[int]]]:
+            seen.extend(len(t) for t in texts)
+            return {"input_ids": [[ord(ch) for ch in t if not ch.isspace()] for t in texts]}
+
+    codec = Codec(Counting(), [1], [2], [], 0, 0, max_len=64)
+    huge = "lorem ipsum dolor " * 6000
+    prompt = codec.prompts([huge], [huge])[0]
+    assert len(prompt) == 64 and prompt[1:-1] == [ord(ch) for ch in huge if not ch.isspace()][:62]
+    assert max(seen) < 62 * 8 + 256, seen
