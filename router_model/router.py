@@ -94,7 +94,6 @@ class Codec:
             cs = self.ids([c or "" for c in contexts], budget, keep_end=True)
         out = []
         for q, c in zip(qs, cs, strict=True):
-            q = q[:budget]
             room = budget - len(q)
             c = c[len(c) - room :] if room > 0 and c else []
             out.append(self.prefix_ids + c + q + self.suffix_ids)
@@ -110,12 +109,13 @@ class Codec:
         """
         windows = [_window(t, n * WINDOW_CHARS_PER_TOKEN, keep_end) for t in texts]
         out = self.tokenizer(windows, add_special_tokens=False)["input_ids"] if texts else []
-        short = [i for i, (w, t, ids) in enumerate(zip(windows, texts, out, strict=True)) if w != t and len(ids) < n]
-        if short:
-            redo = self.tokenizer([texts[i] for i in short], add_special_tokens=False)["input_ids"]
-            for i, ids in zip(short, redo, strict=True):
+        cut_short = [i for i, (w, t, ids) in enumerate(zip(windows, texts, out, strict=True))
+                     if len(w) < len(t) and len(ids) < n]
+        if cut_short:
+            redo = self.tokenizer([texts[i] for i in cut_short], add_special_tokens=False)["input_ids"]
+            for i, ids in zip(cut_short, redo, strict=True):
                 out[i] = ids
-        return out
+        return [ids[-n:] if keep_end else ids[:n] for ids in out] if n > 0 else [[] for _ in out]
 
     def target(self, label_idx: int, rewrite: str | None = None) -> list[int]:
         """``<nexa_i><nexa_end>``, or Octopus v4's ``<nexa_i>('rewrite')<nexa_end>``."""
