@@ -7,8 +7,9 @@ Each fold removes whole source families from training (and from the dev rows use
 up to ``--per-source`` rows of each held-out family (train and dev) are then predicted by models that
 never saw it. ``per-source`` holds out one family per fold (every family with ≥ ``--min-rows`` rows); ``reduced``
 holds out five at once in two folds (cheap enough for CPUs). The router is retrained per fold with the
-shipped checkpoint's recipe (``--set`` overrides it); ``--ablations`` adds the same recipe without
-augmentation/mixing and from random weights. tf-idf + LR and MiniLM embeddings + LR are refit per fold.
+shipped checkpoint's recipe (``--set`` overrides it; a distilled recipe first retrains its teacher on the
+fold's rows); ``--ablations`` adds the same recipe without augmentation/mixing and from random weights.
+tf-idf + LR and MiniLM embeddings + LR are refit per fold.
 Router folds run as parallel processes (``--jobs``); results are rewritten after every finished fold, so
 an interrupted run still reports the folds it completed.
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from router_model.eval import DEFAULT_CHECKPOINT, classification, read_jsonl
-from router_model.train import DEFAULT_DATA, stratified
+from router_model.train import DEFAULT_DATA, RECIPE_KEYS, stratified
 
 REDUCED_FOLDS = (
     ("banking77", "conditionalqa", "spider", "gsm8k", "nq_open"),
@@ -39,8 +40,6 @@ MIN_FAMILY_ROWS = 100
 ROUTER = "functional-token router"
 ABLATIONS: dict[str, dict[str, Any]] = {f"{ROUTER}, no augmentation/mixing": {"augment": False, "mix": 0.0},
              f"{ROUTER}, from scratch": {"from_scratch": True}}
-RECIPE_KEYS = ("layers", "max_len", "batch_size", "lr", "freeze_blocks", "freeze_embeddings", "augment", "mix",
-               "dropout", "weight_decay", "seed", "max_steps", "from_scratch")
 
 
 def family(row: dict[str, Any]) -> str:
@@ -59,8 +58,13 @@ def recipe(checkpoint: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     ns = vars(parser().parse_args([]))
     metrics = checkpoint / "metrics.json"
     if metrics.exists():
-        shipped = json.loads(metrics.read_text())["train"]["args"]
-        ns.update({k: shipped[k] for k in RECIPE_KEYS if k in shipped})
+        train = json.loads(metrics.read_text())["train"]
+        ns.update({k: train["args"][k] for k in RECIPE_KEYS if k in train["args"]})
+        if train["args"].get("teacher"):  # distilled: the teacher must not see the held-out sources either
+            if not train.get("teacher_recipe"):
+                raise SystemExit(f"{checkpoint} was distilled from a teacher whose recipe is unknown (no metrics.json "
+                                 "beside it): LOSO cannot retrain that teacher per fold")
+            ns["teacher_recipe"] = train["teacher_recipe"]
     ns.update(overrides)
     return ns
 
@@ -72,8 +76,12 @@ def train_and_predict(ns: dict[str, Any], texts: list[str]) -> list[str]:
     from router_model.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        train(argparse.Namespace(**{**ns, "out": tmp}))
-        router = FunctionalTokenRouter.load(tmp, threads=ns["threads"])
+        if ns.get("teacher_recipe"):  # the fold's own teacher, trained on the fold's rows only
+            teacher = f"{tmp}/teacher"
+            train(argparse.Namespace(**{**ns, **ns["teacher_recipe"], "teacher": None, "out": teacher}))
+            ns = {**ns, "teacher": teacher}
+        train(argparse.Namespace(**{**ns, "out": f"{tmp}/router"}))
+        router = FunctionalTokenRouter.load(f"{tmp}/router", threads=ns["threads"])
         return [r.top[0] for r in router.route_batch([[Message("user", t)] for t in texts])]
 
 
@@ -188,7 +196,8 @@ def _write(out: Path, args: argparse.Namespace, base: dict[str, Any], variants: 
                 f"folds, {how} (all its train+dev rows held out, up to {args.per_source} sampled per family, also "
                 "removed from the early-stopping dev rows). The router is retrained per fold with the recipe below; "
                 "baselines are refit per fold on the same rows.",
-        "recipe": {k: base[k] for k in RECIPE_KEYS}, "variants": variants, "device": args.device,
+        "recipe": {k: base[k] for k in RECIPE_KEYS if k in base}, "teacher_recipe": base.get("teacher_recipe"),
+        "variants": variants, "device": args.device,
         "seconds": round(seconds), "folds": [list(folds[k]) for k in done],
         "sources": [s for k in done for s in folds[k]], "n": len(held),
         "models": {m: summary(held, [p for k in done for p in preds[(m, k)]], labels) for m in models} if held else {},

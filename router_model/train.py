@@ -1,9 +1,13 @@
 """Train the functional-token router (Octopus v2/v4 recipe) and write a self-describing checkpoint.
 
-``python -m router_model.train --out router_model/checkpoint`` reproduces the shipped checkpoint from
-``shared/data/routing``. Labels come from the data (a sixth expert is new rows + a retrain), one
-functional token per label plus ``<nexa_end>``; the loss is on the target tokens only. ``--base PATH``
-applies the same recipe to any local Hugging Face causal LM (tokens added, embeddings resized).
+The shipped checkpoint is a 3-block model distilled from a 4-block one::
+
+    python -m router_model.train --layers 4 --out /tmp/teacher
+    python -m router_model.train --teacher /tmp/teacher --out router_model/checkpoint
+
+Labels come from the data (a sixth expert is new rows + a retrain), one functional token per label plus
+``<nexa_end>``; the loss is on the target tokens only. ``--base PATH`` applies the same recipe to any local
+Hugging Face causal LM (tokens added, embeddings resized).
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ WRAPPERS = (
     "{q} Be concise.", "Someone asked me this and I'm not sure: {q}", "{q} Explain step by step.",
     "hey, quick one - {q}", "I have a question. {q}", "{q} What do you think?",
 )
+# What defines a recipe (train.py flags), as LOSO retrains it per fold.
+RECIPE_KEYS = ("layers", "max_len", "batch_size", "lr", "freeze_blocks", "freeze_embeddings", "augment", "mix",
+               "dropout", "weight_decay", "seed", "max_steps", "from_scratch", "kd_alpha", "patience")
 OPTIONS = re.compile(r"\n\s*(?:A\.|\(A\)|A\)).*", re.DOTALL)
 
 
@@ -154,9 +161,18 @@ def make_examples(rows: Sequence[dict[str, Any]], codec: Codec, label_idx: dict[
             for p, r in zip(prompts, rows, strict=True)]
 
 
+KD_TEMPERATURE = 2.0
+
+
 def step_loss(lm: Any, codec: Codec, batch: list[tuple[list[int], int]], weights: torch.Tensor,
-              device: torch.device) -> torch.Tensor:
-    """Class-weighted cross-entropy over the full vocabulary, on target tokens only."""
+              device: torch.device, teacher: Any = None, kd_alpha: float = 0.0,
+              expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Class-weighted cross-entropy over the full vocabulary, on target tokens only.
+
+    With a ``teacher``, ``kd_alpha`` of the loss is instead the KL divergence from the teacher's expert
+    distribution at the functional-token position (Hinton et al., temperature ``KD_TEMPERATURE``): soft
+    targets carry what the teacher learnt about borderline queries, which hard labels cannot.
+    """
     ids, mask = (t.to(device) for t in codec.pad([s for s, _ in batch]))
     h = lm.hidden(ids, mask)
     rows, cols, tgt, w = [], [], [], []
@@ -169,7 +185,30 @@ def step_loss(lm: Any, codec: Codec, batch: list[tuple[list[int], int]], weights
     logits = logits_for(lm, h[rows, cols])
     ce = nn.functional.cross_entropy(logits.float(), torch.tensor(tgt, device=device), reduction="none")
     wt = torch.tensor(w, device=device)
-    return (ce * wt).sum() / wt.sum()
+    loss = (ce * wt).sum() / wt.sum()
+    if teacher is None or expert_ids is None:
+        return loss
+    first = torch.arange(len(batch), device=device), torch.tensor([n - 1 for _, n in batch], device=device)
+    with torch.no_grad():
+        soft = torch.log_softmax(logits_for(teacher, teacher.hidden(ids, mask)[first], expert_ids).float()
+                                 / KD_TEMPERATURE, -1)
+    student = torch.log_softmax(logits_for(lm, h[first], expert_ids).float() / KD_TEMPERATURE, -1)
+    kl = nn.functional.kl_div(student, soft, log_target=True, reduction="none").sum(-1)
+    bw = weights.to(device)
+    kd = (kl * bw).sum() / bw.sum() * KD_TEMPERATURE**2
+    return (1 - kd_alpha) * loss + kd_alpha * kd
+
+
+def load_teacher(path: str, cfg: dict[str, Any], device: torch.device, threads: int) -> Any:
+    """A trained checkpoint's model, fp32, checked to read the same prompts and emit the same expert tokens."""
+    teacher = FunctionalTokenRouter.load(path, threads=threads, precision="fp32")
+    same = ("labels", "prefix_ids", "suffix_ids", "functional_token_ids", "max_len", "max_turns")
+    wrong = [k for k in same if teacher.config.get(k) != cfg.get(k)]
+    if wrong:
+        raise SystemExit(f"--teacher {path}: its {', '.join(wrong)} differ from this run's; distil only from a "
+                         "checkpoint trained on the same labels with the same tokenizer and prompt settings")
+    lm: Any = teacher.lm
+    return lm.to(device).eval().requires_grad_(False)
 
 
 def stratified(rows: Sequence[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
@@ -262,6 +301,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "temperature": 1.0, "tau": 0.5, "mass": 0.9,
     }
     codec = codec_from_config(tok, cfg)
+    teacher = load_teacher(args.teacher, cfg, device, args.threads) if args.teacher else None
+    expert_ids = torch.tensor(cfg["functional_token_ids"], device=device)
     if args.freeze_embeddings and cfg["arch"] == "native" and not args.from_scratch:
         # Pretrained word vectors stay put (unseen domains keep their meaning); only the new rows learn,
         # through the tied head. Frozen lower blocks also skip their backward pass: ~1/3 less compute.
@@ -290,12 +331,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     bad, step = 0, 0
     bar = tqdm(total=total, desc="train", unit="step", disable=args.quiet)
     lm.train()
-    while step < total and bad < args.patience:
+    patience = args.patience or total + 1  # 0: never stop early
+    while step < total and bad < patience:
         examples = make_examples(train_rows, codec, label_idx, rng if args.augment else None, args.mix)
         for b in batches([len(s) for s, _ in examples], args.batch_size, rng):
             batch = [examples[i] for i in b]
             w = torch.tensor([class_w[train_rows[i]["label"]] for i in b])
-            loss = step_loss(lm, codec, batch, w, device)
+            loss = step_loss(lm, codec, batch, w, device, teacher, args.kd_alpha, expert_ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
@@ -310,12 +352,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 lm.train()
                 history.append({"step": step, "dev_macro_f1": f1, "loss": loss.item()})
                 bar.write(f"step {step}: dev macro-F1 {f1:.4f}")
-                if f1 > best[0]:
+                if f1 > best[0] or (not args.patience and step == total):
                     best, bad = (f1, step), 0
                     best_state = copy.deepcopy(lm.state_dict())
                 else:
                     bad += 1
-            if step >= total or bad >= args.patience:
+            if step >= total or bad >= patience:
                 break
     bar.close()
     lm.load_state_dict(best_state)
@@ -325,8 +367,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     train_info = {"rows": len(train_rows), "per_label": dict(counts), "steps": step, "best_step": best[1],
                   "best_dev_macro_f1_fp32": best[0], "history": history, "seconds": round(time.time() - t_start),
-                  "params": param_count(lm), "args": vars(args)}
+                  "params": param_count(lm), "args": vars(args), "teacher_recipe": teacher_recipe(args.teacher)}
     return calibrate(out, dev_rows, train_info, args.threads, args.latency_n)
+
+
+def teacher_recipe(teacher: str | None) -> dict[str, Any] | None:
+    """The teacher checkpoint's own recipe, so that LOSO can retrain the teacher without the held-out sources."""
+    metrics = Path(teacher) / "metrics.json" if teacher else None
+    if metrics is None or not metrics.exists():
+        return None
+    args = json.loads(metrics.read_text())["train"]["args"]
+    return {k: args[k] for k in RECIPE_KEYS if k in args}
 
 
 def context_accuracy(router: FunctionalTokenRouter, rows: Sequence[dict[str, Any]], seed: int = 0) -> float:
@@ -387,7 +438,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--dropout", type=float, default=0.1)
-    ap.add_argument("--patience", type=int, default=4, help="evaluations without dev gain before stopping")
+    ap.add_argument("--patience", type=int, default=0,
+                    help="evaluations without dev gain before stopping and keeping the best one (0: train every "
+                         "step and keep the last weights; dev then only calibrates)")
     ap.add_argument("--eval-every", type=int, default=250, help="steps between dev checks (0: half an epoch)")
     ap.add_argument("--mix", type=float, default=0.3, help="share of rows given an unrelated earlier turn")
     ap.add_argument("--no-augment", dest="augment", action="store_false")
@@ -405,6 +458,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="training device, e.g. cuda; routing is always benchmarked on CPU")
     ap.add_argument("--from-scratch", action="store_true",
                     help="ablation: random initial weights instead of the MiniLM warm start (native model only)")
+    ap.add_argument("--teacher",
+                    help="checkpoint to distil from (same labels, tokenizer and prompt settings): a --layers 4 run")
+    ap.add_argument("--kd-alpha", type=float, default=0.5, help="with --teacher: weight of the distillation loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
     return ap

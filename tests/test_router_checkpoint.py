@@ -91,7 +91,7 @@ def test_reproduces_model_card_dev_figures(metrics: dict) -> None:
 def test_routes_hand_written_queries_from_no_dataset(router: FunctionalTokenRouter) -> None:
     """Queries written for this test, in styles the training sources rarely use: a small unseen-source check.
 
-    The shipped checkpoint gets 41/50 (its misses are mostly `general` for short conceptual questions; see the
+    The shipped checkpoint gets 44/50 (its misses are mostly `general` for short conceptual questions; see the
     model card's limitations); the floor catches a retrain that generalises worse.
     """
     convs = [(label, q) for label, qs in HAND_WRITTEN.items() for q in qs]

@@ -34,6 +34,11 @@ ROWS = [
 ]
 
 
+TINY = ["--layers", "1", "--freeze-blocks", "0", "--max-steps", "60", "--eval-every", "60", "--batch-size", "10",
+        "--lr", "2e-3", "--no-augment", "--mix", "0", "--latency-n", "3", "--threads", "1", "--quiet",
+        "--precision", "fp32"]
+
+
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -91,9 +96,7 @@ def test_native_training_with_rewrites_end_to_end(tmp_path: Path) -> None:
     rows = [{**r, "rewrite": f"{r['label']} question"} for r in ROWS]
     data = write_jsonl(tmp_path / "rw.jsonl", rows)
     out = tmp_path / "ckpt"
-    train_main(["--train", str(data), "--dev", str(data), "--out", str(out), "--layers", "1", "--freeze-blocks", "0",
-                "--max-steps", "60", "--eval-every", "60", "--batch-size", "10", "--lr", "2e-3", "--no-augment",
-                "--mix", "0", "--latency-n", "3", "--threads", "1", "--quiet", "--precision", "fp32"])
+    train_main(["--train", str(data), "--dev", str(data), "--out", str(out), *TINY])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rewrite"] is True and cfg["labels"] == ["code", "finance", "general", "legal", "math"]
     router = FunctionalTokenRouter.load(out, threads=1)
@@ -108,6 +111,37 @@ def test_native_training_with_rewrites_end_to_end(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dev"]["accuracy"] == 1.0
     assert (out / "MODEL_CARD.md").read_text().startswith("# Octoroute router")
+
+
+def test_patience_zero_trains_every_step_and_keeps_the_last_weights(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    out = tmp_path / "ckpt"
+    train_main(["--train", str(data), "--dev", str(data), "--out", str(out), *TINY, "--eval-every", "20",
+                "--patience", "0"])
+    train = json.loads((out / "metrics.json").read_text())["train"]
+    assert [h["step"] for h in train["history"]] == [20, 40, 60]
+    assert train["steps"] == train["best_step"] == 60
+
+
+def test_distillation_follows_the_teacher_and_refuses_a_mismatched_one(tmp_path: Path) -> None:
+    """With --kd-alpha 1 only the teacher's expert distribution is learnt: a teacher trained on permuted labels
+    must win over the rows' own labels. A teacher with other labels is refused with a clear message."""
+    perm = {"legal": "finance", "finance": "math", "math": "code", "code": "general", "general": "legal"}
+    permuted = write_jsonl(tmp_path / "permuted.jsonl", [{**r, "label": perm[r["label"]]} for r in ROWS])
+    true = write_jsonl(tmp_path / "true.jsonl", ROWS)
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    train_main(["--train", str(permuted), "--dev", str(permuted), "--out", str(teacher), *TINY])
+    train_main(["--train", str(true), "--dev", str(true), "--out", str(student), "--teacher", str(teacher),
+                "--kd-alpha", "1", *TINY])
+    router = FunctionalTokenRouter.load(student, threads=1)
+    routed = [router.route([Message("user", r["text"])]).top[0] for r in ROWS]
+    assert sum(p == perm[r["label"]] for p, r in zip(routed, ROWS, strict=True)) >= 9
+
+    cfg = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**cfg, "labels": [*cfg["labels"][:4], "medical"]}))
+    with pytest.raises(SystemExit, match="labels differ"):
+        train_main(["--train", str(true), "--dev", str(true), "--out", str(tmp_path / "x"), "--teacher",
+                    str(teacher), *TINY])
 
 
 def _byte_bpe(texts: list[str]) -> Any:
