@@ -83,12 +83,12 @@ async def test_gateway_over_real_vllm_with_the_sdk(vllm_expert: tuple[str, str, 
     with run_gateway(config) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         raw = client.chat.completions.with_raw_response.create(
-            model="auto", messages=[{"role": "user", "content": "Solve 2x + 3 = 11 for x."}], max_tokens=8,
+            model="auto", messages=[{"role": "user", "content": "What is 17% of 240?"}], max_tokens=8,
             temperature=0)
         assert raw.headers["x-octoroute-expert"] == "math"
         assert raw.parse().model == served  # vLLM answered
         stream = client.chat.completions.create(
-            model="math", messages=[{"role": "user", "content": "Solve 2x + 3 = 11 for x."}], max_tokens=8,
+            model="math", messages=[{"role": "user", "content": "What is 17% of 240?"}], max_tokens=8,
             temperature=0, stream=True, stream_options={"include_usage": True})
         chunks = list(stream)
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
@@ -99,7 +99,7 @@ async def test_gateway_over_real_vllm_with_the_sdk(vllm_expert: tuple[str, str, 
 
         aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         result = await aclient.chat.completions.create(
-            model="math", messages=[{"role": "user", "content": "Solve 2x + 3 = 11 for x."}], max_tokens=8,
+            model="math", messages=[{"role": "user", "content": "What is 17% of 240?"}], max_tokens=8,
             temperature=0.0)
         assert result.choices[0].message.content == streamed
         astream = await aclient.chat.completions.create(
