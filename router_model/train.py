@@ -165,8 +165,7 @@ KD_TEMPERATURE = 2.0
 
 
 def step_loss(lm: Any, codec: Codec, batch: list[tuple[list[int], int]], weights: torch.Tensor,
-              device: torch.device, teacher: Any = None, kd_alpha: float = 0.0,
-              expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+              device: torch.device, teacher: Any = None, kd_alpha: float = 0.0) -> torch.Tensor:
     """Class-weighted cross-entropy over the full vocabulary, on target tokens only.
 
     With a ``teacher``, ``kd_alpha`` of the loss is instead the KL divergence from the teacher's expert
@@ -186,8 +185,9 @@ def step_loss(lm: Any, codec: Codec, batch: list[tuple[list[int], int]], weights
     ce = nn.functional.cross_entropy(logits.float(), torch.tensor(tgt, device=device), reduction="none")
     wt = torch.tensor(w, device=device)
     loss = (ce * wt).sum() / wt.sum()
-    if teacher is None or expert_ids is None:
+    if teacher is None:
         return loss
+    expert_ids = torch.tensor(codec.fn_ids, device=device)
     first = torch.arange(len(batch), device=device), torch.tensor([n - 1 for _, n in batch], device=device)
     with torch.no_grad():
         soft = torch.log_softmax(logits_for(teacher, teacher.hidden(ids, mask)[first], expert_ids).float()
@@ -302,7 +302,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
     codec = codec_from_config(tok, cfg)
     teacher = load_teacher(args.teacher, cfg, device, args.threads) if args.teacher else None
-    expert_ids = torch.tensor(cfg["functional_token_ids"], device=device)
     if args.freeze_embeddings and cfg["arch"] == "native" and not args.from_scratch:
         # Pretrained word vectors stay put (unseen domains keep their meaning); only the new rows learn,
         # through the tied head. Frozen lower blocks also skip their backward pass: ~1/3 less compute.
@@ -331,13 +330,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     bad, step = 0, 0
     bar = tqdm(total=total, desc="train", unit="step", disable=args.quiet)
     lm.train()
-    patience = args.patience or total + 1  # 0: never stop early
-    while step < total and bad < patience:
+    keep_last = args.patience == 0  # no early stopping: the last weights are kept, dev only calibrates
+    while step < total and (keep_last or bad < args.patience):
         examples = make_examples(train_rows, codec, label_idx, rng if args.augment else None, args.mix)
         for b in batches([len(s) for s, _ in examples], args.batch_size, rng):
             batch = [examples[i] for i in b]
             w = torch.tensor([class_w[train_rows[i]["label"]] for i in b])
-            loss = step_loss(lm, codec, batch, w, device, teacher, args.kd_alpha, expert_ids)
+            loss = step_loss(lm, codec, batch, w, device, teacher, args.kd_alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
@@ -352,15 +351,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 lm.train()
                 history.append({"step": step, "dev_macro_f1": f1, "loss": loss.item()})
                 bar.write(f"step {step}: dev macro-F1 {f1:.4f}")
-                if f1 > best[0] or (not args.patience and step == total):
+                if keep_last or f1 > best[0]:
                     best, bad = (f1, step), 0
-                    best_state = copy.deepcopy(lm.state_dict())
+                    if not keep_last:
+                        best_state = copy.deepcopy(lm.state_dict())
                 else:
                     bad += 1
-            if step >= total or bad >= patience:
+            if step >= total or (not keep_last and bad >= args.patience):
                 break
     bar.close()
-    lm.load_state_dict(best_state)
+    if not keep_last:
+        lm.load_state_dict(best_state)
     lm.to("cpu").eval()
     out = Path(args.out)
     save_checkpoint(out, lm, tok, cfg)
