@@ -230,7 +230,9 @@ def macro_f1(router: FunctionalTokenRouter, rows: Sequence[dict[str, Any]]) -> f
 def calibrate_thresholds(probs: list[dict[str, float]], gold: Sequence[str], precision: float = 0.99,
                          coverage: float = 0.995) -> tuple[float, float]:
     """tau: the lowest top-probability whose single-expert decisions are ``precision`` right on dev;
-    mass: the lowest cumulative mass whose expert sets contain the gold label ``coverage`` of the time."""
+    mass: the lowest cumulative mass whose expert sets contain the gold label ``coverage`` of the time on the
+    rows under tau, the only rows the set rule decides (confidently wrong rows above tau would otherwise
+    cap coverage below the target and push mass to its 0.999 fallback: every expert fused whenever unsure)."""
     grid = [round(0.5 + i / 100, 2) for i in range(50)]
     tau = grid[-1]
     for t in grid:
@@ -238,10 +240,11 @@ def calibrate_thresholds(probs: list[dict[str, float]], gold: Sequence[str], pre
         if single and sum(single) / len(single) >= precision:
             tau = t
             break
+    unsure = [(p, g) for p, g in zip(probs, gold, strict=True) if max(p.values()) < tau]
     mass = 0.999
     for m in [round(0.5 + i / 100, 2) for i in range(50)]:
-        hits = [g in select_experts(p, tau, m) for p, g in zip(probs, gold, strict=True)]
-        if sum(hits) / len(hits) >= coverage:
+        hits = [g in select_experts(p, tau, m) for p, g in unsure]
+        if hits and sum(hits) / len(hits) >= coverage:
             mass = m
             break
     return tau, mass
@@ -250,10 +253,12 @@ def calibrate_thresholds(probs: list[dict[str, float]], gold: Sequence[str], pre
 def expert_counts(probs: list[dict[str, float]], gold: Sequence[str], tau: float, mass: float) -> dict[str, float]:
     sets = [select_experts(p, tau, mass) for p in probs]
     n = len(sets)
+    multi = [len(s) for s in sets if len(s) > 1]
     return {
         "single": sum(len(s) == 1 for s in sets) / n,
-        "multi": sum(len(s) > 1 for s in sets) / n,
+        "multi": len(multi) / n,
         "mean_experts": sum(map(len, sets)) / n,
+        "mean_experts_when_multi": sum(multi) / len(multi) if multi else 0.0,
         "set_contains_gold": sum(g in s for s, g in zip(sets, gold, strict=True)) / n,
     }
 

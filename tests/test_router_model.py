@@ -17,7 +17,7 @@ import torch
 from router_model.eval import classification, ece
 from router_model.interface import Message, select_experts
 from router_model.router import Codec, FunctionalTokenRouter, fit_temperature, parse_rewrite, split_conversation
-from router_model.train import augment, calibrate_thresholds
+from router_model.train import augment, calibrate_thresholds, expert_counts
 from router_model.train import main as train_main
 
 ROWS = [
@@ -59,6 +59,19 @@ def test_select_experts_and_threshold_calibration() -> None:
     assert tau == 0.56  # the 0.55 decision is wrong, so single-expert routing starts above it
     assert select_experts(probs[1], tau, mass) == ["a", "b"]
     assert select_experts(probs[0], tau, mass) == ["a"]
+
+
+def test_mass_is_calibrated_on_the_rows_the_set_rule_decides() -> None:
+    """A confidently wrong row cannot be fixed by a bigger set; it must not push mass to the fallback."""
+    probs = [{"a": 0.99, "b": 0.01, "c": 0.0}] * 197 + [{"a": 0.6, "b": 0.3, "c": 0.1},
+                                                        {"a": 0.995, "b": 0.005, "c": 0.0}]
+    tau, mass = calibrate_thresholds(probs, ["a"] * 197 + ["b", "b"])
+    assert tau == 0.61
+    assert mass == 0.61  # {a, b} holds the unsure row's gold; 0.999 would also take c
+    assert select_experts(probs[197], tau, mass) == ["a", "b"]
+    counts = expert_counts(probs, ["a"] * 197 + ["b", "b"], tau, mass)
+    assert counts["multi"] == 1 / 199 and counts["mean_experts_when_multi"] == 2
+    assert counts["set_contains_gold"] == 198 / 199
 
 
 def test_fit_temperature_recovers_a_known_temperature() -> None:
