@@ -10,8 +10,10 @@ holds out five at once in two folds (cheap enough for CPUs). The router is retra
 shipped checkpoint's recipe (``--set`` overrides it; a distilled recipe first retrains its teacher on the
 fold's rows); ``--ablations`` adds the same recipe without augmentation/mixing and from random weights.
 tf-idf + LR and MiniLM embeddings + LR are refit per fold.
-Router folds run as parallel processes (``--jobs``); results are rewritten after every finished fold, so
-an interrupted run still reports the folds it completed.
+Router folds run as parallel processes (``--jobs``); results, predictions included, are rewritten after every
+finished fold, so an interrupted run still reports the folds it completed, and ``--resume`` continues it: the
+same command with ``--resume`` reuses every fold already in ``--out`` (same recipe, folds and sample) and runs
+only the rest.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="router folds trained at once")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per job")
     ap.add_argument("--deadline", type=float, default=0, help="seconds after which no new fold starts (0: none)")
+    ap.add_argument("--resume", action="store_true", help="reuse the folds already in --out, run the rest")
     args = ap.parse_args(argv)
     t0 = time.time()
     ckpt = Path(args.checkpoint)
@@ -140,16 +143,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     base["eval_every"] = max(1, base["max_steps"] // 4)
     variants: dict[str, dict[str, Any]] = {ROUTER: {}, **(ABLATIONS if args.ablations else {})}
 
-    preds: dict[tuple[str, int], list[str]] = {}
+    preds = _resumed(out, base, folds, args.per_source) if args.resume else {}
     ctx = mp.get_context("spawn")  # CUDA and torch's thread pools do not survive fork
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
         pending: dict[Future[list[str] | None], tuple[str, int]] = {}
         for k, (fold, test) in enumerate(zip(folds, tests, strict=True)):
             for name, change in variants.items():
+                if (name, k) in preds:
+                    continue
                 ns = {**base, **change, "exclude_sources": list(fold)}
                 pending[pool.submit(_deadlined, ns, [r["text"] for r in test], t0, args.deadline)] = (name, k)
-        if args.baselines:
-            _baselines(preds, train, dev, folds, tests, args.embed_train)
+        emb_train = stratified(train, args.embed_train, 0) if args.embed_train else train
+        if args.baselines and not all((m, k) in preds for m in _baseline_names(emb_train) for k in range(len(folds))):
+            _baselines(preds, train, emb_train, folds, tests)
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -168,17 +174,37 @@ def _deadlined(ns: dict[str, Any], texts: list[str], t0: float, deadline: float)
     return train_and_predict(ns, texts)
 
 
-def _baselines(preds: dict[tuple[str, int], list[str]], train: list[dict[str, Any]], dev: list[dict[str, Any]],
-               folds: Sequence[tuple[str, ...]], tests: Sequence[list[dict[str, Any]]], embed_train: int) -> None:
+def _resumed(out: Path, base: dict[str, Any], folds: Sequence[tuple[str, ...]],
+             per_source: int) -> dict[tuple[str, int], list[str]]:
+    """The predictions a previous run of the same experiment left in ``out`` (none if it was another one)."""
+    if not out.exists():
+        return {}
+    old = json.loads(out.read_text())
+    same = (old.get("recipe") == {k: base[k] for k in RECIPE_KEYS if k in base}
+            and old.get("teacher_recipe") == base.get("teacher_recipe")
+            and old.get("planned_folds") == [list(f) for f in folds] and old.get("per_source_rows") == per_source)
+    if not same:
+        raise SystemExit(f"--resume: {out} holds another experiment (recipe, folds or sample differ); "
+                         "pass another --out or drop --resume")
+    return {(model, int(k)): labels.split() for model, by_fold in old.get("predictions", {}).items()
+            for k, labels in by_fold.items()}
+
+
+def _baseline_names(emb_train: Sequence[dict[str, Any]]) -> list[str]:
+    return ["tf-idf + LR", f"MiniLM embeddings + LR ({len(emb_train)} train rows)"]
+
+
+def _baselines(preds: dict[tuple[str, int], list[str]], train: list[dict[str, Any]], emb_train: list[dict[str, Any]],
+               folds: Sequence[tuple[str, ...]], tests: Sequence[list[dict[str, Any]]]) -> None:
+    """tf-idf + LR on the fold's train rows, MiniLM embeddings + LR on the fold's share of ``emb_train``."""
     from router_model.baselines import embed_lr, minilm_embeddings, tfidf_lr
 
-    emb_train = stratified(train, embed_train, 0) if embed_train else train
     todo = {r["id"]: r["text"] for r in [*emb_train, *(r for t in tests for r in t)]}
     emb = dict(zip(todo, minilm_embeddings(list(todo.values())), strict=True))
-    minilm = f"MiniLM embeddings + LR ({len(emb_train)} train rows)"
+    tfidf, minilm = _baseline_names(emb_train)
     for k, (fold, test) in enumerate(zip(folds, tests, strict=True)):
         keep = [r for r in train if family(r) not in fold]
-        preds[("tf-idf + LR", k)] = tfidf_lr(keep, [test])[0]
+        preds[(tfidf, k)] = tfidf_lr(keep, [test])[0]
         preds[(minilm, k)] = embed_lr(emb, [r for r in emb_train if family(r) not in fold], [test])[0]
 
 
@@ -201,6 +227,10 @@ def _write(out: Path, args: argparse.Namespace, base: dict[str, Any], variants: 
         "seconds": round(seconds), "folds": [list(folds[k]) for k in done],
         "sources": [s for k in done for s in folds[k]], "n": len(held),
         "models": {m: summary(held, [p for k in done for p in preds[(m, k)]], labels) for m in models} if held else {},
+        # what --resume needs: the whole plan, and every fold's predictions (space-separated labels, test order)
+        "planned_folds": [list(f) for f in folds], "per_source_rows": args.per_source,
+        "predictions": {m: {str(k): " ".join(preds[(m, k)]) for k in range(len(folds)) if (m, k) in preds}
+                        for m in models},
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
 

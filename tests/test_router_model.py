@@ -262,6 +262,42 @@ def test_loso_holds_out_whole_sources_and_reports_only_finished_folds(tmp_path: 
     assert res["folds"] == [] and res["models"] == {} and res["note"].startswith("Per-source LOSO: 0 of 2 folds")
 
 
+def test_loso_resume_reuses_finished_folds_and_runs_only_the_rest(tmp_path: Path) -> None:
+    from router_model.loso import main as loso_main
+
+    families = {"alpha": ROWS[:5], "beta": ROWS[5:]}
+    rows = [{**r, "id": f"{fam}-{i}-{k}", "source": f"{fam}/x", "text": f"{r['text']} ({k})"}
+            for fam, rs in families.items() for i, r in enumerate(rs) for k in range(2)]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "dev.jsonl", rows)
+    out = tmp_path / "loso.json"
+    args = ["--data", str(data), "--checkpoint", str(tmp_path / "none"), "--folds", "per-source", "--min-rows", "5",
+            "--per-source", "4", "--no-baselines", "--threads", "1", "--set", "layers=1", "max_steps=2",
+            "latency_n=0", "--out", str(out)]
+    # An interrupted run: fold 0 finished (its predictions planted, so reuse is visible), fold 1 never ran.
+    assert loso_main([*args, "--deadline", "1e-9"]) == 0
+    planted = json.loads(out.read_text())
+    assert planted["planned_folds"] == [["alpha"], ["beta"]]
+    assert planted["predictions"] == {"functional-token router": {}}
+    labels = sorted({r["label"] for r in rows})
+    pattern = " ".join([labels[1], labels[0], labels[0], labels[1]])  # not what a 2-step model would say
+    planted["predictions"] = {"functional-token router": {"0": pattern}}
+    out.write_text(json.dumps(planted))
+
+    assert loso_main([*args, "--resume"]) == 0
+    res = json.loads(out.read_text())
+    router = res["predictions"]["functional-token router"]
+    assert router["0"] == pattern, "fold 0 was retrained instead of reused"
+    assert len(router["1"].split()) == 4 and res["folds"] == [["alpha"], ["beta"]] and res["n"] == 8
+    assert res["models"]["functional-token router"]["predicted"].get(labels[1], 0) >= 2
+
+    # Another experiment in the same file is refused rather than mixed in.
+    with pytest.raises(SystemExit, match="another experiment"):
+        loso_main([*args, "--resume", "--per-source", "3"])
+
+
 def test_from_scratch_ablation_replaces_the_warm_start() -> None:
     from router_model.model import minilm_path
     from router_model.train import build_lm, parser
