@@ -164,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if result is not None:
                     preds[key] = result
             _write(out, args, base, variants, folds, tests, labels, preds, time.time() - t0)
+    _write(out, args, base, variants, folds, tests, labels, preds, time.time() - t0)  # also when nothing was left
     print(out.read_text())
     return 0
 
@@ -221,7 +222,8 @@ def _write(out: Path, args: argparse.Namespace, base: dict[str, Any], variants: 
         "note": f"{'Per-source' if args.folds == 'per-source' else 'Reduced'} LOSO: {len(done)} of {len(folds)} "
                 f"folds, {how} (all its train+dev rows held out, up to {args.per_source} sampled per family, also "
                 "removed from the early-stopping dev rows). The router is retrained per fold with the recipe below; "
-                "baselines are refit per fold on the same rows.",
+                + ("baselines are refit per fold on the same rows." if args.baselines else
+                   "no baselines in this run (--no-baselines)."),
         "recipe": {k: base[k] for k in RECIPE_KEYS if k in base}, "teacher_recipe": base.get("teacher_recipe"),
         "variants": variants, "device": args.device,
         "seconds": round(seconds), "folds": [list(folds[k]) for k in done],
