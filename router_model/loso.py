@@ -181,14 +181,17 @@ def _resumed(out: Path, base: dict[str, Any], folds: Sequence[tuple[str, ...]],
     if not out.exists():
         return {}
     old = json.loads(out.read_text())
-    same = (old.get("recipe") == {k: base[k] for k in RECIPE_KEYS if k in base}
-            and old.get("teacher_recipe") == base.get("teacher_recipe")
-            and old.get("planned_folds") == [list(f) for f in folds] and old.get("per_source_rows") == per_source)
-    if not same:
+    if any(old.get(k) != v for k, v in _experiment(base, folds, per_source).items()):
         raise SystemExit(f"--resume: {out} holds another experiment (recipe, folds or sample differ); "
                          "pass another --out or drop --resume")
     return {(model, int(k)): labels.split() for model, by_fold in old.get("predictions", {}).items()
             for k, labels in by_fold.items()}
+
+
+def _experiment(base: dict[str, Any], folds: Sequence[tuple[str, ...]], per_source: int) -> dict[str, Any]:
+    """What makes two LOSO runs the same experiment: written into every result, compared by ``--resume``."""
+    return {"recipe": {k: base[k] for k in RECIPE_KEYS if k in base}, "teacher_recipe": base.get("teacher_recipe"),
+            "planned_folds": [list(f) for f in folds], "per_source_rows": per_source}
 
 
 def _baseline_names(emb_train: Sequence[dict[str, Any]]) -> list[str]:
@@ -224,13 +227,12 @@ def _write(out: Path, args: argparse.Namespace, base: dict[str, Any], variants: 
                 "removed from the early-stopping dev rows). The router is retrained per fold with the recipe below; "
                 + ("baselines are refit per fold on the same rows." if args.baselines else
                    "no baselines in this run (--no-baselines)."),
-        "recipe": {k: base[k] for k in RECIPE_KEYS if k in base}, "teacher_recipe": base.get("teacher_recipe"),
+        **_experiment(base, folds, args.per_source),
         "variants": variants, "device": args.device,
         "seconds": round(seconds), "folds": [list(folds[k]) for k in done],
         "sources": [s for k in done for s in folds[k]], "n": len(held),
         "models": {m: summary(held, [p for k in done for p in preds[(m, k)]], labels) for m in models} if held else {},
-        # what --resume needs: the whole plan, and every fold's predictions (space-separated labels, test order)
-        "planned_folds": [list(f) for f in folds], "per_source_rows": args.per_source,
+        # what --resume reuses: every fold's predictions (space-separated labels, test order)
         "predictions": {m: {str(k): " ".join(preds[(m, k)]) for k in range(len(folds)) if (m, k) in preds}
                         for m in models},
     }

@@ -242,7 +242,7 @@ def calibrate_thresholds(probs: list[dict[str, float]], gold: Sequence[str], pre
             break
     unsure = [(p, g) for p, g in zip(probs, gold, strict=True) if max(p.values()) < tau]
     mass = 0.999
-    for m in [round(0.5 + i / 100, 2) for i in range(50)]:
+    for m in grid:
         hits = [g in select_experts(p, tau, m) for p, g in unsure]
         if hits and sum(hits) / len(hits) >= coverage:
             mass = m

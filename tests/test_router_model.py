@@ -231,10 +231,8 @@ def test_route_batch_is_thread_safe(tmp_path: Path) -> None:
             assert g == pytest.approx(e, abs=1e-5)
 
 
-def test_loso_holds_out_whole_sources_and_reports_only_finished_folds(tmp_path: Path) -> None:
-    """Per-source LOSO on a toy corpus: every family is a fold, all models are scored on the same held-out rows."""
-    from router_model.loso import main as loso_main
-
+def _two_family_corpus(tmp_path: Path) -> Path:
+    """A toy data folder for LOSO: ROWS split into source families alpha and beta, each row twice."""
     families = {"alpha": ROWS[:5], "beta": ROWS[5:]}
     rows = [{**r, "id": f"{fam}-{i}-{k}", "source": f"{fam}/x", "text": f"{r['text']} ({k})"}
             for fam, rs in families.items() for i, r in enumerate(rs) for k in range(2)]
@@ -242,6 +240,14 @@ def test_loso_holds_out_whole_sources_and_reports_only_finished_folds(tmp_path: 
     data.mkdir()
     write_jsonl(data / "train.jsonl", rows)
     write_jsonl(data / "dev.jsonl", rows)
+    return data
+
+
+def test_loso_holds_out_whole_sources_and_reports_only_finished_folds(tmp_path: Path) -> None:
+    """Per-source LOSO on a toy corpus: every family is a fold, all models are scored on the same held-out rows."""
+    from router_model.loso import main as loso_main
+
+    data = _two_family_corpus(tmp_path)
     args = ["--data", str(data), "--checkpoint", str(tmp_path / "none"), "--folds", "per-source", "--min-rows", "5",
             "--per-source", "4", "--embed-train", "0", "--threads", "1", "--set", "layers=1", "max_steps=2",
             "es_dev=10", "latency_n=0"]
@@ -265,13 +271,7 @@ def test_loso_holds_out_whole_sources_and_reports_only_finished_folds(tmp_path: 
 def test_loso_resume_reuses_finished_folds_and_runs_only_the_rest(tmp_path: Path) -> None:
     from router_model.loso import main as loso_main
 
-    families = {"alpha": ROWS[:5], "beta": ROWS[5:]}
-    rows = [{**r, "id": f"{fam}-{i}-{k}", "source": f"{fam}/x", "text": f"{r['text']} ({k})"}
-            for fam, rs in families.items() for i, r in enumerate(rs) for k in range(2)]
-    data = tmp_path / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", rows)
-    write_jsonl(data / "dev.jsonl", rows)
+    data = _two_family_corpus(tmp_path)
     out = tmp_path / "loso.json"
     args = ["--data", str(data), "--checkpoint", str(tmp_path / "none"), "--folds", "per-source", "--min-rows", "5",
             "--per-source", "4", "--no-baselines", "--threads", "1", "--set", "layers=1", "max_steps=2",
@@ -281,7 +281,7 @@ def test_loso_resume_reuses_finished_folds_and_runs_only_the_rest(tmp_path: Path
     planted = json.loads(out.read_text())
     assert planted["planned_folds"] == [["alpha"], ["beta"]]
     assert planted["predictions"] == {"functional-token router": {}}
-    labels = sorted({r["label"] for r in rows})
+    labels = sorted({r["label"] for r in ROWS})
     pattern = " ".join([labels[1], labels[0], labels[0], labels[1]])  # not what a 2-step model would say
     planted["predictions"] = {"functional-token router": {"0": pattern}}
     out.write_text(json.dumps(planted))
