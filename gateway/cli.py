@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
 from pathlib import Path
@@ -33,12 +34,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            """On SIGTERM/SIGINT, /ready turns 503 at once, while in-flight streams finish.
+            """On SIGTERM/SIGINT, /ready turns 503 at once, while in-flight requests finish until the drain
+            deadline (gateway/shutdown.py), which ends the rest with an error the client can read.
 
             A drained SIGTERM is a normal stop: exit 0 rather than re-raising the signal as uvicorn does."""
             state = getattr(app.state, "octoroute", None)
             if state is not None:
-                state.draining = True
+                state.shutdown.draining = True
+                asyncio.get_running_loop().call_soon_threadsafe(state.shutdown.begin, config.server.shutdown_grace_s)
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM:
                 self._captured_signals.remove(sig)

@@ -26,6 +26,7 @@ from gateway.experts import Endpoint, ExpertHandle, UpstreamError
 from gateway.fusion import FusionHooks, FusionInputError, FusionRefused, fingerprints, fused_stream, unfusable_reason
 from gateway.metrics import Metrics
 from gateway.routing import Decision, RoutingService
+from gateway.shutdown import Shutdown
 from router_model import Message
 
 log = logging.getLogger("octoroute.request")
@@ -155,8 +156,9 @@ class Route:
 
 class Pipeline:
     def __init__(self, config: GatewayConfig, routing: RoutingService, experts: dict[str, ExpertHandle],
-                 cache: Cache, metrics: Metrics) -> None:
+                 cache: Cache, metrics: Metrics, shutdown: Shutdown) -> None:
         self.config = config
+        self.shutdown = shutdown
         self.routing = routing
         self.experts = experts
         self.cache = cache
@@ -254,9 +256,8 @@ class Pipeline:
                                       param=unsupported[0])
             if route.fused:
                 headers["x-octoroute-fused"] = ",".join(h.name for h, _ in route.fused)
-                response = await self._answer_fused(call, route.fused)
-            else:
-                response = await self._answer(call, route.handle)
+            answer = self._answer_fused(call, route.fused) if route.fused else self._answer(call, route.handle)
+            response = await self.shutdown.before_deadline(answer)
             status = response.status_code
             return response
         except OpenAIError as err:
@@ -426,6 +427,10 @@ class Pipeline:
         watcher = asyncio.ensure_future(hang_up())
         try:
             await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # we were cancelled (drain deadline, server stop): so is the upstream call
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
         finally:
             watcher.cancel()
         if not task.done():
@@ -480,13 +485,14 @@ class Pipeline:
                 assembler.add(chunk)
                 if chunk.get("choices") or call.include_usage:
                     yield b"data: " + pending + b"\n\n"
-                try:
-                    pending = await anext(upstream)
-                except StopAsyncIteration:
-                    pending = None
+                pending = await self.shutdown.before_deadline(anext(upstream, None))
             completed = True
             handle.breaker.record_success()
             yield b"data: [DONE]\n\n"
+        except OpenAIError as err:  # the drain deadline passed
+            status = err.status
+            handle.breaker.release_probe()
+            yield err.sse_event()
         except UpstreamError as err:
             status = err.status
             self._record_failure(handle, err)
@@ -585,9 +591,12 @@ class Pipeline:
                 assembler.add(chunk)
                 if chunk.get("choices") or call.include_usage:
                     yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-                chunk = await anext(chunks, None)
+                chunk = await self.shutdown.before_deadline(anext(chunks, None))
             completed = True
             yield b"data: [DONE]\n\n"
+        except OpenAIError as err:  # the drain deadline passed
+            status = err.status
+            yield err.sse_event()
         except UpstreamError as err:
             status = err.status
             yield OpenAIError(err.status, str(err), "server_error", None, f"upstream_{err.kind}").sse_event()

@@ -20,6 +20,7 @@ from gateway.experts import Expert, ExpertHandle, build_expert
 from gateway.metrics import Metrics
 from gateway.routing import RoutingService
 from gateway.serving import Pipeline
+from gateway.shutdown import Shutdown
 from router_model import KeywordRouter, Router
 
 log = logging.getLogger("octoroute.state")
@@ -56,8 +57,8 @@ class State:
     auth: Authenticator
     rate_limiter: RateLimiter | None
     router_kind: str
+    shutdown: Shutdown
     started_at: int = field(default_factory=lambda: int(time.time()))
-    draining: bool = False
 
     @classmethod
     async def build(cls, config: GatewayConfig, router: Router | None = None,
@@ -80,12 +81,14 @@ class State:
             limiter = RateLimiter(config.auth.rate_limit_per_minute,
                                   cache.client if isinstance(cache, RedisCache) else None,
                                   config.cache.key_prefix, config.cache.timeout_ms / 1000)
-        pipeline = Pipeline(config, routing, handles, cache, metrics)
+        shutdown = Shutdown()
+        pipeline = Pipeline(config, routing, handles, cache, metrics, shutdown)
         await pipeline.detect_fusion()
-        return cls(config, metrics, routing, pipeline, handles, cache, Authenticator(config.auth), limiter, kind)
+        return cls(config, metrics, routing, pipeline, handles, cache, Authenticator(config.auth), limiter, kind,
+                   shutdown)
 
     async def aclose(self) -> None:
-        self.draining = True
+        self.shutdown.draining = True
         await self.routing.stop()
         await asyncio.gather(*(h.expert.aclose() for h in self.experts.values()), return_exceptions=True)
         await self.cache.aclose()

@@ -24,9 +24,9 @@ async def ready(request: Request) -> Response:
     names = list(state.experts)
     checks = await asyncio.gather(*(state.experts[n].expert.healthy() for n in names))
     experts = dict(zip(names, checks, strict=True))
-    ok = any(checks) and not state.draining
+    ok = any(checks) and not state.shutdown.draining
     body = {"status": "ready" if ok else "not ready", "router": state.router_kind, "experts": experts,
-            "cache": await state.cache.ping(), "draining": state.draining}
+            "cache": await state.cache.ping(), "draining": state.shutdown.draining}
     return state.json(body, status=200 if ok else 503)
 
 
