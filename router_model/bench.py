@@ -1,5 +1,8 @@
 """Latency benchmark: batch-1 p50/p99 on 1 thread at 64 tokens, batched throughput on 2 threads.
 
+Batch-1 is also timed through the eager model, in the same run, to show what the traced graph that
+``FunctionalTokenRouter.load`` serves buys.
+
 ``python -m router_model.bench [--checkpoint DIR]`` prints JSON and stores it as ``bench.json`` in the
 checkpoint (the model card shows it). The load average is recorded because the cores may be shared.
 """
@@ -44,9 +47,14 @@ def throughput(router: FunctionalTokenRouter, convs: Sequence[list[Message]], re
 
 
 def _cpu_model() -> str:
+    """Model name plus family/model numbers: VMs often say only "AMD EPYC" (family 25 is Zen 4, 26 Zen 5)."""
     info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+    first = info.read_text().split("\n\n")[0] if info.exists() else ""
+    fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in first.splitlines())}
+    flags = set(fields.get("flags", "").split())
+    isa = [f for f in ("amx_tile", "avx512_bf16", "avx512_vnni") if f in flags]
+    return (f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')}, "
+            f"model {fields.get('model', '?')}; {' '.join(isa) or 'no AMX/AVX512-BF16/VNNI'})")
 
 
 def run(ckpt: Path, data: Path, n: int = 300) -> dict[str, Any]:
@@ -61,8 +69,10 @@ def run(ckpt: Path, data: Path, n: int = 300) -> dict[str, Any]:
     for name in ("bf16", "int8", "fp32"):
         one = FunctionalTokenRouter.load(ckpt, threads=1, precision=name)
         two = FunctionalTokenRouter.load(ckpt, threads=2, precision=name)
+        eager = FunctionalTokenRouter(one.lm, one.codec, one.config, 1, name)  # without the traced graph
         out[name] = {
             "batch1_1thread_64tok": batch1(one, full, n),
+            "batch1_1thread_64tok_eager": batch1(eager, full, n),
             "batched_2threads_64tok_qps": throughput(two, full[:512]),
             "batched_2threads_dev_qps": throughput(two, real[:1024]),
         }

@@ -12,7 +12,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from router_model.interface import Message, RouteResult
-from router_model.model import LM, CausalLM, HFCausalLM, ModelConfig, logits_for, quantize_int8
+from router_model.model import (
+    LM,
+    CausalLM,
+    HFCausalLM,
+    ModelConfig,
+    logits_for,
+    quantize_int8,
+    traced_answer_hidden,
+)
 
 REWRITE_OPEN, REWRITE_CLOSE = "('", "')"
 PRECISIONS = ("auto", "bf16", "int8", "fp32")
@@ -156,8 +164,10 @@ class FunctionalTokenRouter:
     and the thread count is set on every call, so another library changing it cannot slow us silently.
     """
 
-    def __init__(self, lm: LM, codec: Codec, cfg: dict[str, Any], threads: int = 1, precision: str = "fp32") -> None:
+    def __init__(self, lm: LM, codec: Codec, cfg: dict[str, Any], threads: int = 1, precision: str = "fp32",
+                 answer_hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.lm = lm
+        self.answer_hidden = answer_hidden or lm.answer_hidden  # load() passes a traced graph of the same
         self.precision = precision
         self.codec = codec
         self.config = cfg
@@ -192,7 +202,12 @@ class FunctionalTokenRouter:
             lm = quantize_int8(lm)
         elif served == "bf16":
             lm = lm.to(torch.bfloat16)
-        return cls(lm, codec_from_config(tok, cfg), cfg, threads, served)
+        codec = codec_from_config(tok, cfg)
+        traced = None
+        if cfg["arch"] == "native":
+            traced = traced_answer_hidden(lm, *codec.pad([codec.prompts(["a longer example query"])[0],
+                                                          codec.prompts(["short"])[0]]))
+        return cls(lm, codec, cfg, threads, served, traced)
 
     def _threads(self) -> None:
         if torch.get_num_threads() != self.threads:
@@ -212,7 +227,7 @@ class FunctionalTokenRouter:
         for s in range(0, len(order), chunk):
             idx = order[s : s + chunk]
             ids, mask = (t.to(device) for t in self.codec.pad([prompts[i] for i in idx]))
-            out[idx] = logits_for(self.lm, self.lm.answer_hidden(ids, mask), fn).float().cpu()
+            out[idx] = logits_for(self.lm, self.answer_hidden(ids, mask), fn).float().cpu()
         return out
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:

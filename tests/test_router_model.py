@@ -364,3 +364,34 @@ def test_a_huge_prompt_is_not_tokenised_whole() -> None:
     prompt = codec.prompts([huge], [huge])[0]
     assert len(prompt) == 64 and prompt[1:-1] == [ord(ch) for ch in huge if not ch.isspace()][:62]
     assert max(seen) < 62 * 8 + 256, seen
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_traced_serving_graph_equals_the_eager_model_for_any_batch_and_length(precision: str) -> None:
+    from router_model.model import CausalLM, ModelConfig, quantize_int8, traced_answer_hidden
+
+    torch.manual_seed(0)
+    lm: Any = CausalLM(ModelConfig(vocab_size=60, n_layer=2, n_head=2, d_model=16, d_ff=32, max_pos=64)).eval()
+    if precision == "int8":
+        lm = quantize_int8(lm)
+    codec = Codec(tokenizer=None, prefix_ids=[], suffix_ids=[], fn_ids=[], end_id=1, pad_id=0, max_len=64)
+    traced = traced_answer_hidden(lm, *codec.pad([[5, 6, 7, 8, 9], [5, 6]]))
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for batch, longest in [(1, 1), (1, 40), (3, 12), (7, 33), (2, 64)]:
+            lengths = [longest, *torch.randint(1, longest + 1, (batch - 1,), generator=g).tolist()]
+            ids, mask = codec.pad([torch.randint(1, 60, (n,), generator=g).tolist() for n in lengths])
+            eager = lm.answer_hidden(ids, mask)
+            assert eager.shape == (batch, 16)
+            assert torch.equal(traced(ids, mask), eager), (batch, longest)
+
+
+def test_the_shipped_router_serves_through_the_traced_graph() -> None:
+    from router_model.eval import DEFAULT_CHECKPOINT
+
+    router = FunctionalTokenRouter.load(DEFAULT_CHECKPOINT, precision="int8")
+    assert isinstance(router.answer_hidden, torch.jit.ScriptModule)
+    texts = ["Integrate x^2 from 0 to 3.", "Who may terminate a lease early?", "fix my segfault in C", "hi"]
+    with torch.inference_mode():
+        ids, mask = router.codec.pad(router.codec.prompts(texts))
+        assert torch.equal(router.answer_hidden(ids, mask), router.lm.answer_hidden(ids, mask))
