@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -23,7 +24,15 @@ from gateway.cache import Cache, Lookup, cache_key, is_deterministic
 from gateway.config import GatewayConfig
 from gateway.errors import OpenAIError, bad_request, model_not_found, overloaded
 from gateway.experts import Endpoint, ExpertHandle, UpstreamError
-from gateway.fusion import FusionHooks, FusionInputError, FusionRefused, fingerprints, fused_stream, unfusable_reason
+from gateway.fusion import (
+    FusionHooks,
+    FusionInputError,
+    FusionRefused,
+    fingerprints,
+    fused_stream,
+    unfusable_reason,
+    unfusable_request,
+)
 from gateway.metrics import Metrics
 from gateway.routing import Decision, RoutingService
 from gateway.shutdown import Shutdown
@@ -61,7 +70,7 @@ class Call:
 
 # Values that ask for nothing: a backend that lacks a feature can still accept these.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "top_k": (-1, 0), "repetition_penalty": (1,), "response_format": ({"type": "text"},)}
+    "top_k": (-1, 0), "repetition_penalty": (1,), "response_format": ({"type": "text"},), "n": (1,)}
 
 
 def _asks_for(body: dict[str, Any], field: str) -> bool:
@@ -78,12 +87,12 @@ def error_response(err: OpenAIError, headers: dict[str, str] | None = None) -> R
 
 
 class Assembler:
-    """Rebuilds the non-streaming response from streamed chunks, for the cache and for metrics."""
+    """Rebuilds the non-streaming response from streamed chunks (every choice, by index), for the cache and metrics."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self.parts: list[str] = []
-        self.finish_reason: str | None = None
+        self.parts: dict[int, list[str]] = defaultdict(list)
+        self.finish_reasons: dict[int, str] = {}
         self.usage: dict[str, Any] | None = None
         self.head: dict[str, Any] = {}
         self.cacheable = True
@@ -94,47 +103,70 @@ class Assembler:
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
+            parts = self.parts[int(choice.get("index") or 0)]
             if self.endpoint == "chat":
                 delta = choice.get("delta") or {}
                 if delta.get("tool_calls") or choice.get("logprobs"):
                     self.cacheable = False
                 if delta.get("content"):
-                    self.parts.append(delta["content"])
+                    parts.append(delta["content"])
             else:
                 if choice.get("logprobs"):
                     self.cacheable = False
                 if choice.get("text"):
-                    self.parts.append(choice["text"])
+                    parts.append(choice["text"])
             if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+                self.finish_reasons[int(choice.get("index") or 0)] = choice["finish_reason"]
+
+    @property
+    def complete(self) -> bool:
+        """Every choice seen ended normally (stop or length): an answer worth caching."""
+        seen = set(self.parts) | set(self.finish_reasons)
+        return bool(seen) and all(self.finish_reasons.get(i) in ("stop", "length") for i in seen)
 
     def response(self) -> dict[str, Any]:
-        text = "".join(self.parts)
-        if self.endpoint == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": self.finish_reason}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
-            obj = "text_completion"
-        return {**self.head, "object": obj, "choices": [choice], "usage": self.usage}
+        choices: list[dict[str, Any]] = []
+        for index in sorted(set(self.parts) | set(self.finish_reasons)):
+            text, finish = "".join(self.parts[index]), self.finish_reasons.get(index)
+            if self.endpoint == "chat":
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": finish})
+            else:
+                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish})
+        obj = "chat.completion" if self.endpoint == "chat" else "text_completion"
+        return {**self.head, "object": obj, "choices": choices, "usage": self.usage}
+
+
+def replayable(endpoint: Endpoint, result: dict[str, Any]) -> bool:
+    """Whether ``replay_stream`` rebuilds ``result`` exactly: text only (no tool calls, no logprobs), every
+    choice finished. Only such answers are cached, so a hit serves a stream and a JSON answer alike."""
+    choices = result.get("choices") or []
+    for choice in choices:
+        if choice.get("finish_reason") not in ("stop", "length") or choice.get("logprobs"):
+            return False
+        if endpoint == "chat" and any(v for k, v in (choice.get("message") or {}).items()
+                                      if k not in ("role", "content")):
+            return False
+    return bool(choices)
 
 
 def replay_stream(endpoint: Endpoint, cached: dict[str, Any], include_usage: bool) -> bytes:
-    """A cached complete answer as a proper SSE stream: content chunk, finish chunk, usage, [DONE]."""
-    choice = cached["choices"][0]
+    """A cached complete answer as a proper SSE stream: per choice a content chunk and a finish chunk, then
+    usage, then [DONE]."""
     base = {"id": cached.get("id"), "created": cached.get("created"), "model": cached.get("model")}
-    if endpoint == "chat":
-        obj = "chat.completion.chunk"
-        message = choice.get("message") or {}
-        first = {"index": 0, "delta": {"role": "assistant", "content": message.get("content") or ""},
-                 "logprobs": None, "finish_reason": None}
-        last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": choice.get("finish_reason")}
-    else:
-        obj = "text_completion"
-        first = {"index": 0, "text": choice.get("text") or "", "logprobs": None, "finish_reason": None}
-        last = {"index": 0, "text": "", "logprobs": None, "finish_reason": choice.get("finish_reason")}
-    chunks = [{**base, "object": obj, "choices": [first]}, {**base, "object": obj, "choices": [last]}]
+    obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+    chunks: list[dict[str, Any]] = []
+    for choice in cached["choices"]:
+        index, finish = choice.get("index", 0), choice.get("finish_reason")
+        if endpoint == "chat":
+            content = (choice.get("message") or {}).get("content") or ""
+            first = {"index": index, "delta": {"role": "assistant", "content": content}, "logprobs": None,
+                     "finish_reason": None}
+            last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}
+        else:
+            first = {"index": index, "text": choice.get("text") or "", "logprobs": None, "finish_reason": None}
+            last = {"index": index, "text": "", "logprobs": None, "finish_reason": finish}
+        chunks += [{**base, "object": obj, "choices": [first]}, {**base, "object": obj, "choices": [last]}]
     if include_usage and cached.get("usage"):
         chunks.append({**base, "object": obj, "choices": [], "usage": cached["usage"]})
     return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
@@ -205,6 +237,10 @@ class Pipeline:
             explicit = call.model == "fusion"
             auto_fuse = len(decision.experts) > 1 and self.config.fusion.auto
             if self.fusion_available and (explicit or auto_fuse):
+                refused = None if explicit else unfusable_request(call.endpoint, call.body)
+                if refused is not None:  # the client did not ask for fusion: answer alone rather than fail
+                    call.headers["x-octoroute-fusion-refused"] = refused[:200]
+                    return top
                 return await self._fusion_route(call, decision, explicit) or top
             return top
         handle = self.experts.get(call.model)
@@ -407,8 +443,7 @@ class Pipeline:
             handle.release()
         handle.breaker.record_success()
         self._count_tokens(handle.name, result.get("usage"))
-        choices = result.get("choices") or [{}]
-        if choices[0].get("finish_reason") in ("stop", "length"):
+        if replayable(call.endpoint, result):
             await self._store(key, result)
         return _json_response(result, call.headers)
 
@@ -510,7 +545,7 @@ class Pipeline:
             handle.release()
             self._count_tokens(handle.name, assembler.usage)
             self._finish(call, handle.name, status)
-        if completed and assembler.cacheable and assembler.finish_reason in ("stop", "length"):
+        if completed and assembler.cacheable and assembler.complete:
             await self._store(key, assembler.response())
 
 
@@ -575,7 +610,7 @@ class Pipeline:
                 release()
             result = {**assembler.response(), "octoroute_fusion": first.get("octoroute_fusion")}
             self._count_tokens("fusion", assembler.usage)
-            if assembler.finish_reason in ("stop", "length"):
+            if assembler.complete:
                 await self._store(key, result)
             return _json_response(result, call.headers)
         return StreamingResponse(self._relay_fused(call, chunks, first, key, release),
@@ -607,7 +642,7 @@ class Pipeline:
             release()
             self._count_tokens("fusion", assembler.usage)
             self._finish(call, "fusion", status)
-        if completed and assembler.cacheable and assembler.finish_reason in ("stop", "length"):
+        if completed and assembler.cacheable and assembler.complete:
             await self._store(key, assembler.response())
 
 

@@ -73,6 +73,24 @@ def test_embedded_default_refuses_what_local_experts_cannot_do(embedded: str) ->
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
 
 
+def test_router_chosen_fusion_answers_alone_when_the_request_cannot_be_fused(embedded: str) -> None:
+    """The router is unsure (math 0.52, finance 0.42), so it would fuse; logit_bias is something fusion cannot
+    honour but one local expert can: the client asked for "auto", not fusion, so one expert answers."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": "What is 15% of the loan interest?"}],
+            "max_tokens": 4, "temperature": 0}
+    fused = httpx.post(f"{embedded}/v1/chat/completions", json=body, timeout=60)
+    assert fused.status_code == 200 and fused.headers["x-octoroute-expert"] == "fusion", fused.text
+    alone = httpx.post(f"{embedded}/v1/chat/completions", json={**body, "logit_bias": {"5": -1}}, timeout=60)
+    assert alone.status_code == 200, alone.text
+    assert alone.headers["x-octoroute-expert"] == "math" and "x-octoroute-fused" not in alone.headers
+    assert "logit_bias" in alone.headers["x-octoroute-fusion-refused"]
+    pinned = httpx.post(f"{embedded}/v1/chat/completions", json={**body, "model": "fusion", "logit_bias": {"5": -1}})
+    assert pinned.status_code == 400 and pinned.json()["error"]["param"] == "logit_bias"  # asked for: say why not
+    several = httpx.post(f"{embedded}/v1/chat/completions", json={**body, "model": "math", "n": 2})
+    assert several.status_code == 400 and several.json()["error"]["param"] == "n"  # local experts give one choice
+    assert "vllm" in several.json()["error"]["message"]
+
+
 @pytest.mark.vllm
 async def test_gateway_over_real_vllm_with_the_sdk(vllm_expert: tuple[str, str, Path],
                                                    demo_experts_dir: Path) -> None:
@@ -108,6 +126,29 @@ async def test_gateway_over_real_vllm_with_the_sdk(vllm_expert: tuple[str, str, 
         pieces = [c async for c in astream]
         assert pieces and pieces[-1].choices[0].finish_reason in ("stop", "length")
         await aclient.close()
+
+        # n > 1 goes to vLLM (which refuses it with greedy decoding); seeded, it is cached as a whole and a
+        # stream of the same request replays every choice
+        several = client.chat.completions.with_raw_response.create(
+            model="math", messages=[{"role": "user", "content": "What is 9 times 9?"}], max_tokens=6,
+            temperature=1.0, seed=7, n=2)
+        answer = several.parse()
+        assert [c.index for c in answer.choices] == [0, 1] and several.headers["x-octoroute-cache"] == "miss"
+        with client.chat.completions.with_streaming_response.create(
+                model="math", messages=[{"role": "user", "content": "What is 9 times 9?"}], max_tokens=6,
+                temperature=1.0, seed=7, n=2, stream=True) as replay:
+            assert replay.headers["x-octoroute-cache"] == "hit"
+            replayed = list(replay.parse())
+        for choice in answer.choices:
+            text = "".join(c.choices[0].delta.content or "" for c in replayed
+                           if c.choices and c.choices[0].index == choice.index)
+            assert text and text == choice.message.content
+        sampled = list(client.chat.completions.create(
+            model="math", messages=[{"role": "user", "content": "Name a prime."}], max_tokens=5, n=3,
+            temperature=1.0, stream=True))
+        finished = {c.choices[0].index: c.choices[0].finish_reason for c in sampled
+                    if c.choices and c.choices[0].finish_reason}
+        assert set(finished) == {0, 1, 2} and set(finished.values()) <= {"stop", "length"}
         metrics = httpx.get(f"{url}/metrics").text
         assert 'octoroute_tokens_total{direction="completion",expert="math"}' in metrics
 

@@ -6,10 +6,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import redis
 
 from gateway.cache import cache_key
+from gateway.experts import Endpoint
 from router_model import KeywordRouter
 from tests.conftest import REDIS_URL
 from tests.harness import Upstream, free_port, run_gateway, scripted_upstream, vllm_expert_config
@@ -170,3 +172,50 @@ async def test_memory_cache_is_bounded_in_entries_and_bytes() -> None:
     for i in range(3):
         await cache.set(f"big{i}", big)
     assert cache._bytes <= 10_000 and len(cache._entries) <= 2
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_a_cached_answer_with_several_choices_replays_as_the_same_stream(endpoint: Endpoint) -> None:
+    from gateway.serving import Assembler, replay_stream
+
+    def piece(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
+        if endpoint == "chat":
+            return {"index": index, "delta": {"content": text}, "finish_reason": finish}
+        return {"index": index, "text": text, "finish_reason": finish}
+
+    head = {"id": "x", "created": 1, "model": "m"}
+    streamed = [{**head, "choices": [piece(i, t, f)]} for i, t, f in
+                [(1, "b1 ", None), (0, "a1 ", None), (0, "a2", "stop"), (1, "b2", None), (1, "", "length")]]
+    first = Assembler(endpoint)
+    for chunk in streamed:
+        first.add(chunk)
+    assert first.complete
+    answer = {**first.response(), "usage": {"total_tokens": 9}}
+    texts = [c["message"]["content"] if endpoint == "chat" else c["text"] for c in answer["choices"]]
+    assert texts == ["a1 a2", "b1 b2"] and [c["finish_reason"] for c in answer["choices"]] == ["stop", "length"]
+    again = Assembler(endpoint)
+    events = replay_stream(endpoint, answer, include_usage=True).split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    for event in events[:-2]:
+        again.add(orjson.loads(event[len(b"data: "):]))
+    assert again.response() == answer
+    unfinished = Assembler(endpoint)
+    unfinished.add(streamed[0])
+    assert not unfinished.complete
+
+
+def test_only_answers_a_stream_replay_can_rebuild_are_cacheable() -> None:
+    from gateway.serving import replayable
+
+    def chat(**message: Any) -> dict[str, Any]:
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi", **message},
+                             "logprobs": None, "finish_reason": "stop"}]}
+
+    assert replayable("chat", chat()) and replayable("chat", chat(tool_calls=[], refusal=None))
+    assert not replayable("chat", chat(tool_calls=[{"id": "c", "type": "function"}]))
+    logprobs = chat()
+    logprobs["choices"][0]["logprobs"] = {"content": [{"token": "hi", "logprob": -0.1}]}
+    assert not replayable("chat", logprobs)
+    cut = chat()
+    cut["choices"][0]["finish_reason"] = None
+    assert not replayable("chat", cut) and not replayable("chat", {"choices": []})

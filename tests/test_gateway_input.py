@@ -49,7 +49,7 @@ CASES: list[tuple[str, bytes | None, Any, int, str | None]] = [
     ("negative top_p", None, {"model": "auto", "messages": MSG, "top_p": -0.5}, 400, "top_p"),
     ("NaN temperature", b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
      None, 400, None),
-    ("n > 1", None, {"model": "auto", "messages": MSG, "n": 3}, 400, "n"),
+    ("n over the cap", None, {"model": "auto", "messages": MSG, "n": 17}, 400, "n"),
     ("huge max_tokens", None, {"model": "auto", "messages": MSG, "max_tokens": 10**9}, 400, "max_tokens"),
     ("zero max_tokens", None, {"model": "auto", "messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
     ("unknown field", None, {"model": "auto", "messages": MSG, "frobnicate": 1}, 400, "frobnicate"),

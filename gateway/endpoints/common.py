@@ -2,7 +2,8 @@
 
 Validated at the edge, strictly (no ``"0.5"`` or ``true`` for a number, as OpenAI refuses them): unknown
 fields are refused (as OpenAI does), NaN/inf are refused, and
-parameters the gateway cannot honour (``n > 1``, batched prompts) are refused with a clear message.
+parameters the gateway cannot honour (batched prompts) are refused with a clear message. ``n`` > 1 is
+forwarded to vllm experts; local experts refuse it, and a router-chosen fusion answers from one expert.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_CHOICES = 16  # each choice is a whole generation on the expert: bound what one request may ask
 
 
 class StreamOptions(BaseModel):
@@ -24,7 +27,7 @@ class SamplingRequest(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=1, description="Only n=1 is supported.")] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES, description="Choices per request: vllm experts only.")] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None

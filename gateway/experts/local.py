@@ -100,7 +100,7 @@ def _text_content(content: Any) -> str:
 class LocalExpert(Expert):
     """Serves a local Hugging Face model directory (``backend: local``) in this process, float32 on CPU."""
 
-    unsupported = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs",
+    unsupported = frozenset({"n", "tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs",
                              "top_logprobs", "echo", "suffix", "presence_penalty", "frequency_penalty",
                              "repetition_penalty", "top_k", "min_p"})
 

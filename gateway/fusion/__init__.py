@@ -12,6 +12,7 @@ Per request, once the router's policy (or ``model: "fusion"``) picked several ex
     response = await fused_generate(chosen, endpoint, body, config=cfg.fusion)   # non-streaming
 
 ``bases`` = (large, small) experts from ``FusionConfig.large_base``/``small_base``, required for dlf.
+``unfusable_request(endpoint, body)`` says up front why a body cannot be fused (``n`` > 1, ``tools``, …).
 Errors: ``FusionRefused`` (set cannot be fused: route instead), ``FusionInputError`` (a 400; ``.param``),
 ``UpstreamError`` (every expert failed, or a dlf base did: a clean OpenAI error; once chunks were
 yielded it has ``before_first_byte=False``). ``hooks.on_step(mode, seconds)`` fits
@@ -26,11 +27,11 @@ from collections.abc import AsyncIterator, Sequence
 
 from gateway.config import FusionConfig
 from gateway.experts.base import JSON, Endpoint, Expert, UpstreamError
-from gateway.fusion.decoder import FusedDecoder, FusionHooks, Mode
+from gateway.fusion.decoder import FusedDecoder, FusionHooks, Mode, unfusable_request
 from gateway.fusion.sources import FusionInputError, LogprobSource, source_for
 
 __all__ = ["FusionHooks", "FusionInputError", "FusionRefused", "check_fusable", "fingerprints", "fused_generate",
-           "fused_stream", "unfusable_reason"]
+           "fused_stream", "unfusable_reason", "unfusable_request"]
 
 
 class FusionRefused(Exception):

@@ -92,6 +92,15 @@ class Params:
                    stop=[stop] if isinstance(stop, str) else [s for s in stop if s])
 
 
+def unfusable_request(endpoint: Endpoint, body: JSON) -> str | None:
+    """Why fusion cannot serve this request body (a field it cannot honour), or None if it can."""
+    try:
+        Params.from_body(endpoint, body)
+    except FusionInputError as exc:
+        return str(exc)
+    return None
+
+
 class FusedDecoder:
     """Decodes one request from several experts' fused next-token distributions."""
 
