@@ -395,3 +395,18 @@ def test_the_shipped_router_serves_through_the_traced_graph() -> None:
     with torch.inference_mode():
         ids, mask = router.codec.pad(router.codec.prompts(texts))
         assert torch.equal(router.answer_hidden(ids, mask), router.lm.answer_hidden(ids, mask))
+
+
+def test_int8_routing_of_a_query_does_not_depend_on_the_queries_routed_with_it() -> None:
+    """Dynamic int8 scales a batch's activations together; the router must give each query its own pass."""
+    from router_model.eval import DEFAULT_CHECKPOINT, read_jsonl
+    from router_model.train import DEFAULT_DATA
+
+    texts = [r["text"] for r in read_jsonl(DEFAULT_DATA / "dev.jsonl")[:96]]
+    alone_router = FunctionalTokenRouter.load(DEFAULT_CHECKPOINT, threads=1, precision="int8")
+    pooled_router = FunctionalTokenRouter.load(DEFAULT_CHECKPOINT, threads=2, precision="int8")
+    alone = torch.cat([alone_router.logits([t]) for t in texts])
+    for router in (alone_router, pooled_router):
+        together = router.logits(texts)
+        assert torch.equal(together, alone)
+        assert torch.equal(router.logits(texts[::-1]), alone.flip(0))
