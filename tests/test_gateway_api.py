@@ -112,6 +112,12 @@ async def test_async_sdk(gateway: str) -> None:
 def test_models_lists_auto_and_experts(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
     assert ids == ["auto", "math", "general"]
+    for name in ids:
+        assert client.models.retrieve(name).model_dump() == client.models.list().data[ids.index(name)].model_dump()
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-9")
+    body: Any = info.value.body
+    assert body["code"] == "model_not_found" and "auto, math, general" in body["message"]
 
 
 def test_unknown_model_is_404_in_openai_shape(client: openai.OpenAI) -> None:
