@@ -373,7 +373,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     train_info = {"rows": len(train_rows), "per_label": dict(counts), "steps": step, "best_step": best[1],
                   "best_dev_macro_f1_fp32": best[0], "history": history, "seconds": round(time.time() - t_start),
-                  "params": param_count(lm), "args": vars(args), "teacher_recipe": teacher_recipe(args.teacher)}
+                  "params": param_count(lm), "args": vars(args), "teacher_recipe": teacher_recipe(args.teacher),
+                  "kd_temperature": KD_TEMPERATURE if args.teacher else None}
     return calibrate(out, dev_rows, train_info, args.threads, args.latency_n)
 
 
