@@ -156,17 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         emb_train = stratified(train, args.embed_train, 0) if args.embed_train else train
         if args.baselines and not all((m, k) in preds for m in _baseline_names(emb_train) for k in range(len(folds))):
             _baselines(preds, train, emb_train, folds, tests)
-        ran_any = bool(pending)
-        while pending:  # rewrite the result as each fold ends, so an interrupted run can be resumed
+        while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 key = pending.pop(fut)
                 result = fut.result()
                 if result is not None:
                     preds[key] = result
-            _write(out, args, base, variants, folds, tests, labels, preds, time.time() - t0)
-    if not ran_any:  # --resume with every fold done, or only baselines: still (re)write the summary
-        _write(out, args, base, variants, folds, tests, labels, preds, time.time() - t0)
+            if pending:  # what has finished so far, so an interrupted run can be resumed
+                _write(out, args, base, variants, folds, tests, labels, preds, time.time() - t0)
+    _write(out, args, base, variants, folds, tests, labels, preds, time.time() - t0)  # also when nothing was left
     print(out.read_text())
     return 0
 
