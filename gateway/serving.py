@@ -66,6 +66,7 @@ class Call:
     receive: Receive | None = None  # the ASGI receive channel, to notice a client that hangs up
     started: float = field(default_factory=time.perf_counter)
     headers: dict[str, str] = field(default_factory=dict)
+    label: str | None = None  # the endpoint in metrics when it is not ``endpoint`` (/v1/responses: "responses")
 
 
 # Values that ask for nothing: a backend that lacks a feature can still accept these.
@@ -305,8 +306,8 @@ class Pipeline:
 
     def _finish(self, call: Call, expert: str, status: int) -> None:
         elapsed = time.perf_counter() - call.started
-        self.metrics.requests.labels(expert, call.model, call.endpoint, str(status)).inc()
-        self.metrics.request_seconds.labels(expert, call.endpoint).observe(elapsed)
+        self.metrics.requests.labels(expert, call.model, call.label or call.endpoint, str(status)).inc()
+        self.metrics.request_seconds.labels(expert, call.label or call.endpoint).observe(elapsed)
         log.info("request", extra={"request_id": call.request_id, "key_id": key_id(call.api_key),
                                    "model": call.model, "expert": expert, "status": status,
                                    "stream": call.stream, "ms": round(elapsed * 1000, 2),
