@@ -19,6 +19,8 @@ from gateway.endpoints.completions import api_router as completions_api
 from gateway.endpoints.completions.protocol import CompletionRequest
 from gateway.endpoints.health import api_router as health_api
 from gateway.endpoints.models import api_router as models_api
+from gateway.endpoints.responses import api_router as responses_api
+from gateway.endpoints.responses.protocol import ResponsesRequest
 from gateway.endpoints.route import api_router as route_api
 from gateway.endpoints.route.protocol import RouteRequest
 from gateway.errors import OpenAIError
@@ -28,9 +30,9 @@ from gateway.state import State
 from router_model import Router
 
 log = logging.getLogger("octoroute.app")
-BODY_MODELS = (ChatCompletionRequest, CompletionRequest, RouteRequest)
+BODY_MODELS = (ChatCompletionRequest, CompletionRequest, RouteRequest, ResponsesRequest)
 ENDPOINT_LABELS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/route": "route",
-                   "/v1/models": "models"}
+                   "/v1/models": "models", "/v1/responses": "responses"}
 
 
 class RequestIdMiddleware:
@@ -77,7 +79,7 @@ def create_app(config: GatewayConfig, router: Router | None = None, experts: dic
 
     app = FastAPI(title="Octoroute", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible gateway that routes each query to a specialist model.")
-    for module in (chat_api, completions_api, models_api, route_api, health_api):
+    for module in (chat_api, completions_api, responses_api, models_api, route_api, health_api):
         app.include_router(module.router)
 
     @app.exception_handler(OpenAIError)

@@ -108,6 +108,15 @@ class CacheConfig(_Strict):
     shared: bool = Field(False, description="Share entries across API keys (default: one namespace per key).")
 
 
+class ResponsesConfig(_Strict):
+    """Stored responses of /v1/responses (``store: true``): Redis when the cache is Redis, else in memory."""
+
+    ttl_s: int = Field(86400, ge=1, description="How long a stored response (and its chain) can be retrieved.")
+    max_entries: int = Field(10_000, ge=1, description="Memory store: most responses kept (LRU).")
+    max_bytes: int = Field(64 * 2**20, ge=1, description="Memory store: most bytes kept (LRU).")
+    max_entry_bytes: int = Field(4_000_000, ge=1, description="Larger responses (whole conversation) are not stored.")
+
+
 class AuthConfig(_Strict):
     api_keys_env: str | None = Field("OCTOROUTE_API_KEYS", description="Env var with comma-separated keys.")
     api_keys: tuple[str, ...] = ()
@@ -147,6 +156,7 @@ class GatewayConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     auth: AuthConfig = AuthConfig()
     fusion: FusionConfig = FusionConfig()
+    responses: ResponsesConfig = ResponsesConfig()
     logging: LoggingConfig = LoggingConfig()
 
     _check_unique = field_validator("experts")(classmethod(lambda cls, v: _unique(v)))

@@ -2,7 +2,10 @@
 
 Run: ``python -m tests.scripted_upstream --port 9001 --name math``. It answers
 ``/v1/chat/completions`` and ``/v1/completions`` (stream or not) with ``"<name>: <last user text>"``
-split into word chunks, ``/v1/models``, and two test endpoints:
+split into word chunks, ``/v1/models``, and two test endpoints. A chat request with ``tools`` whose last
+message is not a tool result gets one call of the first tool instead, every parameter set to the last
+user text (finish_reason ``tool_calls``); after the tool result, the answer is ``"<name>: <tool output>"``.
+Test endpoints:
 
 - ``POST /_control`` ``{"mode": ..., ...}`` sets the behaviour of the following requests:
   ``ok`` | ``fail`` (HTTP ``status``, default 500) | ``slow_first`` (sleep ``delay_s`` before headers)
@@ -70,7 +73,8 @@ class Scripted:
 
     def _words(self, chat: bool, req: dict[str, Any]) -> list[str]:
         if chat:
-            text = next((m.get("content") or "" for m in reversed(req["messages"]) if m["role"] == "user"), "")
+            text = next((m.get("content") or "" for m in reversed(req["messages"]) if m["role"] in ("user", "tool")),
+                        "")
         else:
             text = req["prompt"] if isinstance(req["prompt"], str) else "tokens"
         words = f"{self.name}: {text}".split(" ")
@@ -90,6 +94,8 @@ class Scripted:
                                                          "param": None, "code": None}}, status)
         if mode == "slow_first":
             await asyncio.sleep(float(self.control.get("delay_s", 5)))
+        if chat and req.get("tools") and req["messages"][-1]["role"] != "tool":
+            return await self._call_tool(req, send)
         words = self._words(chat, req)
         finish = "length" if req.get("max_tokens") and len(words) >= req["max_tokens"] else "stop"
         usage = {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}
@@ -145,6 +151,36 @@ class Scripted:
             self.stats["completed"] += 1
         finally:
             watcher.cancel()
+
+    async def _call_tool(self, req: dict[str, Any], send: Any) -> None:
+        """Answer with one call of the first tool (see the module docstring)."""
+        fn = req["tools"][0]["function"]
+        text = next((m.get("content") or "" for m in reversed(req["messages"]) if m["role"] == "user"), "")
+        arguments = orjson.dumps({p: text for p in (fn.get("parameters") or {}).get("properties", {})}).decode()
+        call = {"index": 0, "id": f"call_{self.stats['requests']}", "type": "function",
+                "function": {"name": fn["name"], "arguments": arguments}}
+        usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+        head = {"id": f"cmpl-{self.stats['requests']}", "created": int(time.time()), "model": self.name}
+        self.stats["completed"] += 1
+        if not req.get("stream"):
+            message = {"role": "assistant", "content": None, "tool_calls": [{k: v for k, v in call.items()
+                                                                              if k != "index"}]}
+            return await self._json(send, {**head, "object": "chat.completion", "usage": usage, "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}]})
+        half = len(arguments) // 2
+        deltas = [{"role": "assistant", "tool_calls": [{**call, "function": {"name": fn["name"], "arguments": ""}}]},
+                  {"tool_calls": [{"index": 0, "function": {"arguments": arguments[:half]}}]},
+                  {"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]}]
+        chunks: list[dict[str, Any]] = [
+            {**head, "object": "chat.completion.chunk",
+             "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]} for d in deltas]
+        chunks.append({**head, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}]})
+        if (req.get("stream_options") or {}).get("include_usage"):
+            chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        await send({"type": "http.response.start", "status": 200, "headers": SSEH})
+        payload = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+        await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
 def main() -> None:
