@@ -125,6 +125,34 @@ def test_stream_wire_format_has_event_names_and_no_done_sentinel(gateway: str) -
     assert blocks[-1].startswith("event: response.completed\n")
 
 
+def test_stream_cut_by_max_output_tokens_ends_incomplete(client: openai.OpenAI) -> None:
+    events = list(client.responses.create(model="general", input="one two three", max_output_tokens=2, stream=True))
+    assert [e.type for e in events][-4:] == ["response.output_text.done", "response.content_part.done",
+                                             "response.output_item.done", "response.incomplete"]
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.status == "incomplete" and final.incomplete_details is not None
+    assert final.incomplete_details.reason == "max_output_tokens" and final.output[0].status == "incomplete"
+    assert final.output_text == "general: one"
+
+
+def test_client_leaving_mid_stream_cancels_the_expert_call(gateway: str, upstreams: dict[str, Upstream]) -> None:
+    math = upstreams["math"]
+    math.control("slow_chunks", delay_s=2)
+    cancelled = math.stats()["cancelled"]
+    try:
+        with httpx.stream("POST", f"{gateway}/v1/responses", headers={"Authorization": f"Bearer {KEY_A}"},
+                          json={"model": "math", "input": "a b c d e f", "stream": True}, timeout=10) as r:
+            for line in r.iter_lines():
+                if line == "event: response.output_text.delta":
+                    break  # hang up after the first token
+        deadline = time.monotonic() + 5
+        while math.stats()["cancelled"] == cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        math.control("ok")
+    assert math.stats()["cancelled"] == cancelled + 1
+
+
 def test_chain_rebuilds_the_conversation_and_the_router_sees_it_whole(
         client: openai.OpenAI, upstreams: dict[str, Upstream], router: RecordingRouter) -> None:
     first = client.responses.create(model="auto", input="solve the equation x + 2 = 5", instructions="Be brief.")
@@ -216,6 +244,19 @@ def test_deterministic_requests_use_the_cache_streamed_or_not(gateway: str, clie
     with client.responses.stream(**ask) as stream:  # a cache hit replayed as events
         assert [e.type for e in stream][-1] == "response.completed"
         assert stream.get_final_response().output_text == "math: compute 12 squared"
+
+
+def test_text_format_becomes_the_chat_response_format(client: openai.OpenAI,
+                                                      upstreams: dict[str, Upstream]) -> None:
+    schema = {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}
+    response = client.responses.create(model="math", input="x?", text={"format": {
+        "type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
+    assert upstreams["math"].stats()["last_body"]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    assert response.text is not None and response.text.format is not None
+    assert response.text.format.type == "json_schema"
+    client.responses.create(model="math", input="x?", text={"format": {"type": "text"}})
+    assert "response_format" not in upstreams["math"].stats()["last_body"]
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [
