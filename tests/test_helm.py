@@ -28,6 +28,7 @@ from gateway.config import (
     FusionConfig,
     GatewayConfig,
     LoggingConfig,
+    ResponsesConfig,
     RouterConfig,
     ServerConfig,
     load_config,
@@ -554,7 +555,7 @@ def test_values_schema_matches_gateway_config() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     config = schema["properties"]["gateway"]["properties"]["config"]["properties"]
     models = {"server": ServerConfig, "router": RouterConfig, "cache": CacheConfig, "auth": AuthConfig,
-              "fusion": FusionConfig, "logging": LoggingConfig}
+              "fusion": FusionConfig, "responses": ResponsesConfig, "logging": LoggingConfig}
     top = {f.alias or n for n, f in GatewayConfig.model_fields.items()}
     assert set(config) == top - {"experts"}, "gateway.config sections differ from GatewayConfig"
     for section, model in models.items():
