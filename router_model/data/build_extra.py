@@ -30,6 +30,7 @@ import hashlib
 import html
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -58,6 +59,7 @@ REPOS: dict[str, str] = {
     "eth-nlped/mathdial": "b452be46f28b1e64cfe2646302e3ca8c502926d0",
     "openai/grade-school-math": "3101c7d5072418e28b9008a6636bde82a006892c",
     "LEXam-Benchmark/LEXam": "487f729e85725e5d3e00c0b25142de1e86cda643",
+    "google-research-datasets/dstc8-schema-guided-dialogue": "e852981ae34990f4358979625854259302feaa78",
 }
 
 # Dropped from rows labelled `general` (same spirit as the shared dataset's DOMAIN_RE): a hit means
@@ -517,6 +519,60 @@ def mathdial_conversations(mirror: Mirror, rng: random.Random) -> list[Conversat
     return convs
 
 
+SGD_REPO = "google-research-datasets/dstc8-schema-guided-dialogue"
+SGD_FINANCE = {"Banks_1", "Banks_2", "Payment_1"}  # bank accounts, transfers, payments to contacts
+
+
+def _json_arrays(text: str) -> list[dict[str, object]]:
+    return list(json.loads(text))
+
+
+def sgd_conversations(mirror: Mirror, rng: random.Random, general_cap: int) -> list[Conversation]:
+    """Schema-Guided Dialogue (CC-BY-SA-4.0): real multi-domain assistant dialogues, SYSTEM → assistant.
+
+    A user turn's expert is `finance` when its frame's service is a bank/payment service, else `general`.
+    Per dialogue: a `switch` sample cut at the first user turn whose expert differs from the previous
+    user turn's (e.g. event tickets → "transfer $50 to Jane"), and a `follow_up` sample cut at a later user
+    turn of a segment (e.g. "Yes, from my savings account"). General-only follow-ups are capped.
+    """
+    files = [p for p in mirror.ls(SGD_REPO) if re.match(r"^(train|dev|test)/dialogues_\d+\.json$", p)]
+    convs: list[Conversation] = []
+    general_follow: list[Conversation] = []
+    for path in files:
+        try:
+            dialogues = _json_arrays(mirror.show(SGD_REPO, path))
+        except subprocess.CalledProcessError:
+            continue  # file absent from the snapshot (large files are left out)
+        for d in dialogues:
+            msgs: list[tuple[str, str]] = []
+            experts: list[str] = []  # per message; "" for assistant turns
+            for t in d["turns"]:  # type: ignore[attr-defined]
+                frames = t.get("frames") or [{}]
+                service = str(frames[0].get("service", ""))
+                if t["speaker"] == "USER":
+                    msgs.append(("user", clean(t["utterance"])))
+                    experts.append("finance" if service in SGD_FINANCE else "general")
+                else:
+                    msgs.append(("assistant", clean(t["utterance"])))
+                    experts.append("")
+            users = [i for i, (r, _) in enumerate(msgs) if r == "user"]
+            if len(users) < 2:
+                continue
+            switches = [b for a, b in itertools.pairwise(users) if experts[a] != experts[b]]
+            if switches:
+                i = switches[0]
+                convs.append(Conversation(tuple(msgs[: i + 1]), experts[i], f"sgd_dialogue/switch_{experts[i]}",
+                                          "CC-BY-SA-4.0", "switch"))
+            follow = [b for a, b in itertools.pairwise(users) if experts[a] == experts[b]]
+            if follow:
+                i = rng.choice(follow)
+                conv = Conversation(tuple(msgs[: i + 1]), experts[i], f"sgd_dialogue/follow_up_{experts[i]}",
+                                    "CC-BY-SA-4.0", "follow_up")
+                (convs if experts[i] == "finance" else general_follow).append(conv)
+    rng.shuffle(general_follow)
+    return convs + general_follow[:general_cap]
+
+
 # ---------------------------------------------------------------------------------------------
 # Assembly
 # ---------------------------------------------------------------------------------------------
@@ -603,6 +659,7 @@ def main() -> int:
     kept, dropped_shared = dedupe_and_cap(rows, load_shared(a.shared), rng_for("caps"))
     kept.sort(key=lambda r: (r.label, r.source, r.text))
     convs = mathdial_conversations(mirror, rng_for("mathdial"))
+    convs += sgd_conversations(mirror, rng_for("sgd"), general_cap=400)
 
     a.out.mkdir(parents=True, exist_ok=True)
     extra = a.out / "extra_train.jsonl"
