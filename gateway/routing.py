@@ -1,8 +1,8 @@
 """Turning a conversation into a routing decision, without blocking the event loop.
 
-What the router sees: the last user turn plus up to ``router.history_turns`` earlier turns
-(system prompt included when it is among them); the router truncates that from the left to its
-token budget, so the latest user turn is always kept. Concurrent requests are batched into one
+What the router sees: the system prompt, then the last user turn plus up to ``router.history_turns``
+earlier user/assistant turns; the router reads the latest turn from its start and the rest from the
+right within its context budget, so the latest user turn is always kept. Concurrent requests are batched into one
 forward pass, run on a dedicated thread; identical conversations reuse a cached decision.
 """
 
@@ -36,10 +36,15 @@ class Decision:
 
 
 def bounded_conversation(messages: Sequence[Message], history_turns: int) -> Conversation:
-    """The last user turn and up to ``history_turns`` turns before it (later turns are dropped)."""
-    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=len(messages) - 1)
-    start = max(0, last_user - history_turns)
-    return tuple(messages[start : last_user + 1])
+    """The system prompt(s), then the last user turn and up to ``history_turns`` user/assistant turns before it.
+
+    Tool messages and later turns are dropped: they say little about the domain and would only push the
+    turns that do out of the router's context budget.
+    """
+    turns = [m for m in messages if m.role in ("user", "assistant")]
+    last_user = max((i for i, m in enumerate(turns) if m.role == "user"), default=len(turns) - 1)
+    system = [m for m in messages if m.role in ("system", "developer")]
+    return (*system, *turns[max(0, last_user - history_turns) : last_user + 1])
 
 
 class RoutingService:

@@ -1,7 +1,13 @@
 """Routing metrics for a checkpoint on a JSONL file: accuracy, macro-F1, per-label P/R, confusion, ECE, latency.
 
-``python -m router_model.eval --data FILE [--json] [--checkpoint DIR]``; ``--json`` prints one object
-with ``accuracy, macro_f1, ece, p50_ms, p99_ms, n``.
+``python -m router_model.eval --data FILE [--conversations] [--json] [--checkpoint DIR]``
+
+Rows are ``{"text", "label"}`` (one user turn) or ``{"messages": [{"role", "content"}, …], "label"[, "kind"]}``
+(a conversation, routed on its last user turn with what came before); rows with a ``kind`` also get accuracy
+per kind. ``--conversations`` turns each single-turn row into the two conversation cases (``kind`` follow_up:
+the row, an answer, then a generic follow-up; ``kind`` switch: an exchange about another label, then the row)
+with follow-up phrasings the router never trained on. ``--json`` prints one object with ``accuracy, macro_f1,
+ece, p50_ms, p99_ms, n`` (and ``per_kind``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from router_model.conversations import as_messages, evaluation_conversations
 from router_model.interface import Message, Router
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
@@ -77,7 +84,7 @@ def latency(router: Router, texts: Sequence[str], n: int = 200) -> tuple[float, 
 
 def evaluate(router: Router, rows: Sequence[dict[str, Any]], latency_n: int = 200) -> dict[str, Any]:
     """Every figure the model card reports for one data file, predictions included (for exact re-checks)."""
-    results = router.route_batch([[Message("user", r["text"])] for r in rows])
+    results = router.route_batch([as_messages(r) if "messages" in r else [Message("user", r["text"])] for r in rows])
     pred = [r.top[0] for r in results]
     conf = [r.top[1] for r in results]
     gold = [r["label"] for r in rows]
@@ -86,14 +93,23 @@ def evaluate(router: Router, rows: Sequence[dict[str, Any]], latency_n: int = 20
     out["n"] = len(rows)
     out["correct"] = sum(g == p for g, p in zip(gold, pred, strict=True))
     out["predictions"] = pred
-    if latency_n:
-        out["p50_ms"], out["p99_ms"] = latency(router, [r["text"] for r in rows], latency_n)
+    kinds = sorted({r["kind"] for r in rows if "kind" in r})
+    if kinds:
+        out["per_kind"] = {k: sum(g == p for g, p, r in zip(gold, pred, rows, strict=True) if r.get("kind") == k)
+                           / sum(r.get("kind") == k for r in rows) for k in kinds}
+    texts = [r["text"] for r in rows if "text" in r]
+    if latency_n and texts:
+        out["p50_ms"], out["p99_ms"] = latency(router, texts, latency_n)
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="octoroute router eval", description=__doc__)
-    ap.add_argument("--data", required=True, help="JSONL with text and label")
+    ap = argparse.ArgumentParser(
+        prog="octoroute router eval", formatter_class=argparse.RawDescriptionHelpFormatter,  # examples keep their lines
+        description=(__doc__ or "").replace("``", "").replace("::\n", ":\n"))
+    ap.add_argument("--data", required=True, help="JSONL rows with text (or messages) and label")
+    ap.add_argument("--conversations", action="store_true",
+                    help="score the follow-up and switch conversations built from the file's single-turn rows")
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -102,8 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from router_model.router import FunctionalTokenRouter
 
     router = FunctionalTokenRouter.load(args.checkpoint, threads=args.threads)
-    m = evaluate(router, read_jsonl(args.data))
-    keys = ("accuracy", "macro_f1", "ece", "p50_ms", "p99_ms", "n")
+    rows = read_jsonl(args.data)
+    m = evaluate(router, evaluation_conversations(rows) if args.conversations else rows)
+    keys = [k for k in ("accuracy", "macro_f1", "ece", "p50_ms", "p99_ms", "n", "per_kind") if k in m]
     if args.json:
         print(json.dumps({k: m[k] for k in keys}))
         return 0

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +51,29 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "int8"
 
 
-def split_conversation(messages: Sequence[Message], max_turns: int) -> tuple[str, str]:
-    """(latest user turn, up to ``max_turns`` earlier user/assistant turns as ``role: text`` lines)."""
+# Characters of each earlier turn the router reads (its head: a turn says what it is about first). An assistant
+# answer gets fewer than a user question, so a whole exchange fits the context budget; the system prompt is
+# oldest, so it is the first to fall out of the budget when the conversation is long.
+TURN_HEAD_CHARS = {"system": 120, "user": 160, "assistant": 80}
+
+
+def split_conversation(messages: Sequence[Message], max_turns: int | None = None) -> tuple[str, str]:
+    """(latest user turn, context): the context is the system prompt(s), then up to ``max_turns`` (None: all)
+    earlier user/assistant turns, oldest first, each as a ``role: head of its text`` line.
+
+    The gateway bounds the conversation (``router.history_turns``) before it reaches the router, so serving
+    passes ``None``; training and evaluation build conversations of the length they mean.
+    """
     turns = [m for m in messages if m.role in ("user", "assistant")]
     last = max((i for i, m in enumerate(turns) if m.role == "user"), default=len(turns) - 1)
     if last < 0:
         return "", ""
-    earlier = turns[max(0, last - max_turns) : last] if max_turns > 0 else []
-    return turns[last].content, "\n".join(f"{m.role}: {m.content}" for m in earlier)
+    start = 0 if max_turns is None else max(0, last - max_turns)
+    earlier = turns[start:last] if max_turns is None or max_turns > 0 else []
+    system = [Message("system", m.content) for m in messages if m.role in ("system", "developer") and m.content.strip()]
+    lines = [f"{m.role}: {_window(' '.join(m.content.split()), TURN_HEAD_CHARS[m.role], False, slack=40)}"
+             for m in [*system, *earlier]]
+    return turns[last].content, "\n".join(lines)
 
 
 WINDOW_CHARS_PER_TOKEN = 8  # English word pieces average ~4.5 characters; a short window only costs a retry
@@ -82,9 +97,12 @@ def _window(text: str, width: int, keep_end: bool, slack: int = 256) -> str:
 class Codec:
     """Turns queries into prompt ids and labels into target ids, identically in training and routing.
 
-    Prompt: ``prefix + context + query + suffix``. The latest query is kept from its start (questions
-    usually come before pasted context); earlier turns fill what is left, truncated from the left so
-    the turns nearest the query survive.
+    Prompt: ``prefix + [context + sep] + query + suffix``. The latest query is kept from its start (questions
+    usually come before pasted context) in ``max_len`` tokens with prefix and suffix, so a single-turn prompt is
+    the same whatever the conversation settings; the context has a budget of its own, ``context_len`` tokens,
+    truncated from the left so the turns nearest the query survive (``split_conversation`` gives each turn's
+    head). A follow-up such as "explain step by step" is routed by what came before it, so the context must
+    not be squeezed out by a long latest turn.
     """
 
     tokenizer: Any
@@ -94,19 +112,21 @@ class Codec:
     end_id: int
     pad_id: int
     max_len: int
+    context_len: int = 0
+    sep_ids: list[int] = field(default_factory=list)
 
     def prompts(self, queries: Sequence[str], contexts: Sequence[str] | None = None) -> list[list[int]]:
+        """One prompt (token ids) per query; ``contexts[i]`` is query i's earlier conversation ("" for none).
+
+        Length: at most ``max_len + context_len + len(sep_ids)`` ids.
+        """
         budget = self.max_len - len(self.prefix_ids) - len(self.suffix_ids)
         qs = self.ids(list(queries), budget, keep_end=False)
         cs: list[list[int]] = [[] for _ in queries]
-        if contexts is not None and any(contexts):
-            cs = self.ids([c or "" for c in contexts], budget, keep_end=True)
-        out = []
-        for q, c in zip(qs, cs, strict=True):
-            room = budget - len(q)
-            c = c[len(c) - room :] if room > 0 and c else []
-            out.append(self.prefix_ids + c + q + self.suffix_ids)
-        return out
+        if contexts is not None and self.context_len > 0 and any(contexts):
+            cs = self.ids([c or "" for c in contexts], self.context_len, keep_end=True)
+        return [self.prefix_ids + (c + self.sep_ids if c else []) + q + self.suffix_ids
+                for q, c in zip(qs, cs, strict=True)]
 
     def ids(self, texts: list[str], n: int, keep_end: bool) -> list[list[int]]:
         """Each text's first (``keep_end``: last) ``n`` token ids, tokenising only a window of the text.
@@ -155,6 +175,8 @@ def codec_from_config(tokenizer: Any, cfg: dict[str, Any]) -> Codec:
         end_id=int(cfg["end_token_id"]),
         pad_id=int(cfg["pad_id"]),
         max_len=int(cfg["max_len"]),
+        context_len=int(cfg.get("context_len", 0)),
+        sep_ids=list(cfg.get("sep_ids", [])),
     )
 
 
@@ -179,7 +201,6 @@ class FunctionalTokenRouter:
         self.temperature = float(cfg.get("temperature", 1.0))
         self.tau = float(cfg.get("tau", 0.5))
         self.mass = float(cfg.get("mass", 0.9))
-        self.max_turns = int(cfg.get("max_turns", 2))
         self.rewrite = bool(cfg.get("rewrite", False))
         self.threads = threads
         self._fn = torch.tensor(codec.fn_ids)
@@ -220,7 +241,7 @@ class FunctionalTokenRouter:
             torch.set_num_threads(wanted)
 
     def _encode(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
-        parts = [split_conversation(c, self.max_turns) for c in conversations]
+        parts = [split_conversation(c) for c in conversations]  # the gateway has bounded the history
         return self.codec.prompts([q for q, _ in parts], [c for _, c in parts])
 
     @torch.inference_mode()

@@ -31,6 +31,15 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from router_model.card import write_model_card
+from router_model.conversations import (
+    SYSTEM_PROMPTS,
+    TRAIN_FOLLOW_UPS,
+    as_messages,
+    by_label,
+    evaluation_conversations,
+    follow_up,
+    switch,
+)
 from router_model.eval import classification, evaluate, read_jsonl
 from router_model.interface import Message, select_experts
 from router_model.model import (
@@ -45,9 +54,18 @@ from router_model.model import (
     minilm_path,
     param_count,
 )
-from router_model.router import PRECISIONS, Codec, FunctionalTokenRouter, codec_from_config, fit_temperature
+from router_model.router import (
+    PRECISIONS,
+    Codec,
+    FunctionalTokenRouter,
+    codec_from_config,
+    fit_temperature,
+    split_conversation,
+)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/routing"
+# Sources added by this repo (router_model/data/README.md): single-turn queries and real conversations.
+EXTRA_DATA = tuple(Path(__file__).resolve().parent / "data" / f for f in ("extra_train.jsonl", "conversations.jsonl"))
 
 # Label-neutral chat phrasings: real users wrap questions like this, the training sources rarely do.
 WRAPPERS = (
@@ -57,8 +75,9 @@ WRAPPERS = (
     "hey, quick one - {q}", "I have a question. {q}", "{q} What do you think?",
 )
 # What defines a recipe (train.py flags), as LOSO retrains it per fold.
-RECIPE_KEYS = ("layers", "max_len", "batch_size", "lr", "freeze_blocks", "freeze_embeddings", "augment", "mix",
-               "dropout", "weight_decay", "seed", "max_steps", "from_scratch", "kd_alpha", "patience")
+RECIPE_KEYS = ("layers", "max_len", "context_len", "max_turns", "follow", "batch_size", "lr", "freeze_blocks",
+               "freeze_embeddings", "augment", "mix", "dropout", "weight_decay", "seed", "max_steps", "from_scratch",
+               "kd_alpha", "patience", "extra")
 OPTIONS = re.compile(r"\n\s*(?:A\.|\(A\)|A\)).*", re.DOTALL)
 
 
@@ -105,7 +124,8 @@ def build_lm(args: argparse.Namespace, labels: list[str]) -> tuple[Any, Any, dic
         else:
             lm = load_minilm(args.layers, init_rows(emb, pieces), dropout=args.dropout)
         fields = {"arch": "native", "model": lm.cfg.to_dict(), "prefix_ids": [tok.cls_token_id],
-                  "suffix_ids": [tok.sep_token_id], "pad_id": tok.pad_token_id, "n_orig_vocab": n_orig}
+                  "suffix_ids": [tok.sep_token_id], "sep_ids": [tok.sep_token_id], "pad_id": tok.pad_token_id,
+                  "n_orig_vocab": n_orig}
     else:
         tok = AutoTokenizer.from_pretrained(args.base)
         hf: Any = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
@@ -125,6 +145,7 @@ def build_lm(args: argparse.Namespace, labels: list[str]) -> tuple[Any, Any, dic
         fields = {"arch": "hf", "base": str(args.base),
                   "prefix_ids": bos + tok("Query: ", add_special_tokens=False)["input_ids"],
                   "suffix_ids": tok("\nResponse:", add_special_tokens=False)["input_ids"],
+                  "sep_ids": tok("\nQuery: ", add_special_tokens=False)["input_ids"],
                   "pad_id": pad, "n_orig_vocab": n_orig}
     fields["functional_token_ids"] = tok.convert_tokens_to_ids(new_tokens[:-1])
     fields["end_token_id"] = tok.convert_tokens_to_ids(END_TOKEN)
@@ -144,19 +165,40 @@ def batches(lengths: Sequence[int], size: int, rng: random.Random) -> list[list[
 
 
 def make_examples(rows: Sequence[dict[str, Any]], codec: Codec, label_idx: dict[str, int],
-                  rng: random.Random | None, mix: float = 0.1) -> list[tuple[list[int], int]]:
-    """(prompt + target ids, prompt length) per row; with ``rng``, augmented and sometimes mixed.
+                  rng: random.Random | None, mix: float = 0.3, follow: float = 0.2,
+                  max_turns: int = 4) -> list[tuple[list[int], int]]:
+    """(prompt + target ids, prompt length) per row.
 
-    Mixing puts another row's query before this one as an earlier turn, so the router learns that
-    the latest user turn decides.
+    With ``rng`` every query is augmented and some become the latest turn of a conversation: a share ``mix``
+    follows an exchange about another domain (*switch*: the latest turn decides), a share ``follow`` is asked
+    first and followed by one or two generic follow-ups (*follow-up*: the conversation's domain decides), and
+    a few follow an exchange in their own domain; a fifth of those conversations open with a generic system
+    prompt. Training on both cases is what makes the router read the context without being ruled by it.
+    Rows with ``messages`` (real conversations) are used as they are.
     """
-    texts = [augment(r["text"], rng) if rng else r["text"] for r in rows]
-    contexts = [""] * len(rows)
-    if rng:
-        for i in range(len(rows)):
-            if rng.random() < mix:
-                contexts[i] = f"user: {rng.choice(rows)['text'][:300]}\nassistant: Sure."
-    prompts = codec.prompts(texts, contexts)
+    single = [r for r in rows if "text" in r]
+    groups = by_label(single)
+    others = {lab: [r for r in single if r["label"] != lab] for lab in groups}
+    parts: list[tuple[str, str]] = []
+    for r in rows:
+        if "messages" in r:
+            parts.append(split_conversation(as_messages(r), max_turns))
+            continue
+        row = {**r, "text": augment(r["text"], rng)} if rng else r
+        msgs = [Message("user", row["text"])]
+        if rng:
+            u = rng.random()
+            if u < follow:
+                msgs = follow_up(row, groups[r["label"]], TRAIN_FOLLOW_UPS, rng, rng.choice((1, 1, 2)))
+            elif u < follow + mix and others[r["label"]]:
+                earlier = rng.choice(others[r["label"]])
+                msgs = switch(row, earlier, groups[earlier["label"]], rng)
+            elif u < follow + mix + 0.05:
+                msgs = switch(row, rng.choice(groups[r["label"]]), groups[r["label"]], rng)
+            if len(msgs) > 1 and rng.random() < 0.2:
+                msgs = [Message("system", rng.choice(SYSTEM_PROMPTS)), *msgs]
+        parts.append(split_conversation(msgs, max_turns))
+    prompts = codec.prompts([q for q, _ in parts], [c for _, c in parts])
     return [(p + codec.target(label_idx[r["label"]], r.get("rewrite")), len(p))
             for p, r in zip(prompts, rows, strict=True)]
 
@@ -202,7 +244,7 @@ def step_loss(lm: Any, codec: Codec, batch: list[tuple[list[int], int]], weights
 def load_teacher(path: str, cfg: dict[str, Any], device: torch.device, threads: int) -> Any:
     """A trained checkpoint's model, fp32, checked to read the same prompts and emit the same expert tokens."""
     teacher = FunctionalTokenRouter.load(path, threads=threads, precision="fp32")
-    same = ("labels", "prefix_ids", "suffix_ids", "functional_token_ids", "max_len", "max_turns")
+    same = ("labels", "prefix_ids", "suffix_ids", "functional_token_ids", "max_len", "context_len")
     wrong = [k for k in same if teacher.config.get(k) != cfg.get(k)]
     if wrong:
         raise SystemExit(f"--teacher {path}: its {', '.join(wrong)} differ from this run's; distil only from a "
@@ -283,7 +325,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     data = Path(args.data)
-    train_rows = read_jsonl(args.train or data / "train.jsonl")
+    train_rows = read_jsonl(args.train or data / "train.jsonl") + [r for f in args.extra for r in read_jsonl(f)]
     dev_rows = read_jsonl(args.dev or data / "dev.jsonl")
     if args.exclude_sources:
         drop = set(args.exclude_sources)
@@ -300,7 +342,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     lm.to(device)
     cfg: dict[str, Any] = {
-        **fields, "labels": labels, "max_len": args.max_len, "max_turns": args.max_turns,
+        **fields, "labels": labels, "max_len": args.max_len, "context_len": args.context_len,
+        "max_turns": args.max_turns,
         "rewrite": any("rewrite" in r for r in train_rows),
         "precision": args.precision if fields["arch"] == "native" else "fp32",
         "temperature": 1.0, "tau": 0.5, "mass": 0.9,
@@ -337,7 +380,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     lm.train()
     keep_last = args.patience == 0  # no early stopping: the last weights are kept, dev only calibrates
     while step < total and (keep_last or bad < args.patience):
-        examples = make_examples(train_rows, codec, label_idx, rng if args.augment else None, args.mix)
+        examples = make_examples(train_rows, codec, label_idx, rng if args.augment else None, args.mix,
+                                 args.follow, args.max_turns)
         for b in batches([len(s) for s, _ in examples], args.batch_size, rng):
             batch = [examples[i] for i in b]
             w = torch.tensor([class_w[train_rows[i]["label"]] for i in b])
@@ -375,7 +419,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                   "best_dev_macro_f1_fp32": best[0], "history": history, "seconds": round(time.time() - t_start),
                   "params": param_count(lm), "args": vars(args), "teacher_recipe": teacher_recipe(args.teacher),
                   "kd_temperature": KD_TEMPERATURE if args.teacher else None}
-    return calibrate(out, dev_rows, train_info, args.threads, args.latency_n)
+    return calibrate(out, dev_rows, train_info, args.threads, args.latency_n, args.calibration)
 
 
 def teacher_recipe(teacher: str | None) -> dict[str, Any] | None:
@@ -387,40 +431,65 @@ def teacher_recipe(teacher: str | None) -> dict[str, Any] | None:
     return {k: args[k] for k in RECIPE_KEYS if k in args}
 
 
-def context_accuracy(router: FunctionalTokenRouter, rows: Sequence[dict[str, Any]], seed: int = 0) -> float:
-    """Dev accuracy when each query follows an exchange about another label: the latest turn should decide."""
-    rng = random.Random(seed)
-    others = {lab: [o for o in rows if o["label"] != lab] or list(rows) for lab in {r["label"] for r in rows}}
-    convs = []
-    for r in rows:
-        other = rng.choice(others[r["label"]])
-        convs.append([Message("user", other["text"]), Message("assistant", "Sure."), Message("user", r["text"])])
-    return sum(res.top[0] == r["label"] for res, r in zip(router.route_batch(convs), rows, strict=True)) / len(rows)
+def conversation_accuracy(router: FunctionalTokenRouter, rows: Sequence[dict[str, Any]],
+                          seed: int = 0) -> dict[str, float]:
+    """Top-1 accuracy on both conversation cases built from ``rows`` (``conversations.py``): after a generic
+    follow-up the conversation's label must win, after a self-contained question about another label that one."""
+    convs = evaluation_conversations(rows, seed)
+    results = router.route_batch([as_messages(c) for c in convs])
+    out: dict[str, float] = {}
+    for kind in ("follow_up", "switch"):
+        hits = [res.top[0] == c["label"] for res, c in zip(results, convs, strict=True) if c["kind"] == kind]
+        out[kind] = sum(hits) / len(hits) if hits else float("nan")
+    return out
+
+
+def fit_policy(logits: torch.Tensor, gold: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """Temperature (NLL), then tau and mass (``calibrate_thresholds``) on (N, K) uncalibrated logits."""
+    gold_idx = torch.tensor([list(labels).index(g) for g in gold])
+    temperature = fit_temperature(logits, gold_idx)
+    probs = [dict(zip(labels, p, strict=True)) for p in torch.softmax(logits / temperature, -1).tolist()]
+    tau, mass = calibrate_thresholds(probs, gold)
+    return {"temperature": temperature, "tau": tau, "mass": mass}
+
+
+def heldout_logits(path: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """The router's uncalibrated logits on every held-out row of a LOSO result (``loso.py``), with gold labels:
+    what the router does on sources it never saw, the only fair ground for its confidence policy."""
+    res = json.loads(Path(path).read_text())
+    if not res.get("heldout_logits"):
+        raise SystemExit(f"--calibration {path}: no held-out logits in it (run router_model.loso first)")
+    return torch.tensor(res["heldout_logits"]), list(res["heldout_gold"])
 
 
 def calibrate(out: Path, dev_rows: Sequence[dict[str, Any]], train_info: dict[str, Any], threads: int = 2,
-              latency_n: int = 200) -> dict[str, Any]:
-    """Fit temperature, tau and mass on dev with the model exactly as served (fp16 weights, int8 if configured),
-    then write ``metrics.json`` and the model card."""
+              latency_n: int = 200, calibration: str | None = None) -> dict[str, Any]:
+    """Fit temperature, tau and mass, then write ``metrics.json`` and the model card.
+
+    With ``calibration`` (a LOSO result) they are fitted on the held-out predictions of routers that never saw
+    those sources; otherwise on dev with the model exactly as served (in-distribution: over-confident on new
+    sources, so only for quick runs and LOSO folds)."""
     cfg = json.loads((out / "config.json").read_text())
     labels = cfg["labels"]
     router = FunctionalTokenRouter.load(out, threads=threads)
-    logits = router.logits([r["text"] for r in dev_rows])
-    gold = [r["label"] for r in dev_rows]
-    gold_idx = torch.tensor([labels.index(g) for g in gold])
-    cfg["temperature"] = fit_temperature(logits, gold_idx)
-    probs = [dict(zip(labels, p, strict=True)) for p in torch.softmax(logits / cfg["temperature"], -1).tolist()]
-    cfg["tau"], cfg["mass"] = calibrate_thresholds(probs, gold)
+    dev_logits = router.logits([r["text"] for r in dev_rows])
+    dev_gold = [r["label"] for r in dev_rows]
+    logits, gold = heldout_logits(calibration) if calibration else (dev_logits, dev_gold)
+    cfg.update(fit_policy(logits, gold, labels))
+    cfg["calibrated_on"] = f"held-out sources ({calibration})" if calibration else "dev"
     (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
 
+    probs = [dict(zip(labels, p, strict=True)) for p in torch.softmax(logits / cfg["temperature"], -1).tolist()]
+    gold_idx = torch.tensor([labels.index(g) for g in gold])
     router = FunctionalTokenRouter.load(out, threads=1)
     metrics = {
         "served_precision": router.precision,
+        "calibrated_on": cfg["calibrated_on"],
         "dev": evaluate(router, dev_rows, latency_n=latency_n),
-        "experts_on_dev": expert_counts(probs, gold, cfg["tau"], cfg["mass"]),
-        "dev_after_unrelated_turn_accuracy": context_accuracy(router, dev_rows),
-        "uncalibrated_dev_nll": float(nn.functional.cross_entropy(logits, gold_idx)),
-        "calibrated_dev_nll": float(nn.functional.cross_entropy(logits / cfg["temperature"], gold_idx)),
+        "experts_on_calibration_rows": expert_counts(probs, gold, cfg["tau"], cfg["mass"]),
+        "dev_conversations": conversation_accuracy(router, dev_rows),
+        "uncalibrated_nll": float(nn.functional.cross_entropy(logits, gold_idx)),
+        "calibrated_nll": float(nn.functional.cross_entropy(logits / cfg["temperature"], gold_idx)),
         "train": train_info,
         "checkpoint_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
     }
@@ -430,7 +499,9 @@ def calibrate(out: Path, dev_rows: Sequence[dict[str, Any]], train_info: dict[st
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="octoroute router train", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="octoroute router train", formatter_class=argparse.RawDescriptionHelpFormatter,  # examples: own lines
+        description=(__doc__ or "").replace("``", "").replace("::\n", ":\n"))
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train.jsonl and dev.jsonl")
     ap.add_argument("--train", help="training JSONL (default DATA/train.jsonl)")
     ap.add_argument("--dev", help="dev JSONL for early stopping and calibration (default DATA/dev.jsonl)")
@@ -438,7 +509,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--base", help="local Hugging Face causal LM folder; default: MiniLM warm start")
     ap.add_argument("--layers", type=int, default=3, help="MiniLM blocks kept (native model)")
     ap.add_argument("--max-len", type=int, default=64)
-    ap.add_argument("--max-turns", type=int, default=2, help="earlier turns kept before the latest user turn")
+    ap.add_argument("--extra", nargs="*", default=[str(p) for p in EXTRA_DATA if p.exists()],
+                    help="more training JSONL files: rows with text or messages (default: router_model/data/*.jsonl)")
+    ap.add_argument("--context-len", type=int, default=64,
+                    help="tokens of earlier conversation the router reads besides the latest turn's --max-len")
+    ap.add_argument("--max-turns", type=int, default=4, help="earlier turns in training conversations")
+    ap.add_argument("--follow", type=float, default=0.2,
+                    help="share of rows asked first and followed by a generic follow-up, which inherits their label")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-steps", type=int, default=3000, help="optimizer steps; 0: use --epochs")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -468,6 +545,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--teacher",
                     help="checkpoint to distil from (same labels, tokenizer and prompt settings): a --layers 4 run")
     ap.add_argument("--kd-alpha", type=float, default=0.5, help="with --teacher: weight of the distillation loss")
+    ap.add_argument("--calibration", help="LOSO result whose held-out logits fit temperature, tau and mass "
+                    "(default: dev, which is in-distribution and over-confident on new sources)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
     return ap

@@ -44,13 +44,38 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-def test_split_conversation_keeps_latest_user_turn_and_recent_context() -> None:
+def test_split_conversation_keeps_latest_user_turn_system_prompt_and_turn_heads() -> None:
     conv = [Message("system", "be nice"), Message("user", "one"), Message("assistant", "two"),
             Message("user", "three"), Message("assistant", "four"), Message("user", "latest")]
     query, context = split_conversation(conv, max_turns=2)
     assert query == "latest"
-    assert context == "user: three\nassistant: four"
-    assert split_conversation(conv, max_turns=0) == ("latest", "")
+    assert context == "system: be nice\nuser: three\nassistant: four"
+    assert split_conversation(conv, max_turns=0) == ("latest", "system: be nice")
+    # Serving passes no bound (the gateway has applied router.history_turns): every earlier turn is read.
+    assert split_conversation(conv)[1] == "system: be nice\nuser: one\nassistant: two\nuser: three\nassistant: four"
+    # Each earlier turn contributes its head, an assistant answer less than a question, so a whole exchange fits.
+    long = [Message("user", "Is a verbal contract binding? " + "detail " * 200),
+            Message("assistant", "It depends on the jurisdiction. " + "more " * 200), Message("user", "why?")]
+    query, context = split_conversation(long)
+    user_line, assistant_line = context.split("\n")
+    assert query == "why?" and user_line.startswith("user: Is a verbal contract binding?")
+    # heads end at the first word boundary past their budget (160 / 80 characters)
+    assert len(user_line) <= len("user: ") + 160 + 10 and len(assistant_line) <= len("assistant: ") + 80 + 10
+
+
+def test_context_has_its_own_budget_and_single_turn_prompts_do_not_change() -> None:
+    """A long latest turn must not squeeze out the context a follow-up is routed by (it used to: one budget)."""
+
+    class Chars:
+        def __call__(self, texts: list[str], add_special_tokens: bool) -> dict[str, list[list[int]]]:
+            return {"input_ids": [[ord(ch) for ch in t if not ch.isspace()] for t in texts]}
+
+    plain = Codec(Chars(), [1], [2], [], 0, 0, max_len=10)
+    codec = Codec(Chars(), [1], [2], [], 0, 0, max_len=10, context_len=4, sep_ids=[3])
+    assert codec.prompts(["abcdefghijkl"]) == plain.prompts(["abcdefghijkl"]) == [[1, *map(ord, "abcdefgh"), 2]]
+    prompt = codec.prompts(["abcdefghijkl"], ["uvwxyz"])[0]
+    assert prompt == [1, *map(ord, "wxyz"), 3, *map(ord, "abcdefgh"), 2]  # nearest context kept, query from its start
+    assert codec.prompts(["ab"], [""])[0] == [1, ord("a"), ord("b"), 2]  # no context: no separator
 
 
 def test_select_experts_and_threshold_calibration() -> None:
