@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,9 +10,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.endpoints.chat_completions import api_router as chat_api
 from gateway.endpoints.chat_completions.protocol import ChatCompletionRequest
@@ -25,11 +28,16 @@ from gateway.endpoints.route import api_router as route_api
 from gateway.endpoints.route.protocol import RouteRequest
 from gateway.errors import OpenAIError
 from gateway.experts import Expert
+from gateway.middleware import ErrorBoundary, HttpConventions, OpsGuard
 from gateway.serving import error_response, new_request_id
 from gateway.state import State
 from router_model import Router
 
 log = logging.getLogger("octoroute.app")
+# Response headers a browser app may read across origins (CORS).
+EXPOSED_HEADERS = ["x-request-id", "x-octoroute-expert", "x-octoroute-confidence", "x-octoroute-cache",
+                   "x-octoroute-route-ms", "x-octoroute-fallback-from", "x-octoroute-fused",
+                   "x-octoroute-fusion-refused", "retry-after"]
 BODY_MODELS = (ChatCompletionRequest, CompletionRequest, RouteRequest, ResponsesRequest)
 ENDPOINT_LABELS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/route": "route",
                    "/v1/models": "models", "/v1/responses": "responses"}
@@ -61,6 +69,24 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+async def _log_readiness(state: State) -> None:
+    """Say at start-up what /ready will say: ready, or which experts are down and why."""
+    names = list(state.experts)
+    checks = await asyncio.gather(*(state.experts[n].expert.healthy() for n in names))
+    down = {}
+    for name, ok in zip(names, checks, strict=True):
+        if not ok:
+            cfg = state.experts[name].config
+            down[name] = (f"no answer from {cfg.base_url}/models within {cfg.timeouts.connect_s:g} s"
+                          if cfg.backend == "vllm" else "not running")
+    info = {"experts": names, "router": state.router_kind, "cache": state.config.cache.backend}
+    if len(down) < len(names):
+        log.info("gateway ready", extra={**info, "experts_down": down})
+    else:
+        log.warning("gateway started but NOT ready (/ready answers 503): no expert is reachable; %s",
+                    "; ".join(f"{n}: {why}" for n, why in down.items()), extra={**info, "experts_down": down})
+
+
 def create_app(config: GatewayConfig, router: Router | None = None, experts: dict[str, Expert] | None = None,
                router_kind: str | None = None) -> FastAPI:
     """Build the gateway. ``router``/``experts`` replace the configured ones (tests, embedding);
@@ -70,14 +96,14 @@ def create_app(config: GatewayConfig, router: Router | None = None, experts: dic
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await State.build(config, router=router, experts=experts, router_kind=router_kind)
         app.state.octoroute = state
-        log.info("gateway ready", extra={"experts": list(state.experts), "router": state.router_kind,
-                                         "cache": config.cache.backend})
+        state.metrics.set_models(state.pipeline.model_names())
+        await _log_readiness(state)
         try:
             yield
         finally:
             await state.aclose()
 
-    app = FastAPI(title="Octoroute", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="Octoroute", version=__version__, lifespan=lifespan, redirect_slashes=False,
                   description="OpenAI-compatible gateway that routes each query to a specialist model.")
     for module in (chat_api, completions_api, responses_api, models_api, route_api, health_api):
         app.include_router(module.router)
@@ -99,12 +125,6 @@ def create_app(config: GatewayConfig, router: Router | None = None, experts: dic
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return error_response(OpenAIError(exc.status_code, message, type_, None, None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"request_id": getattr(request.state, "request_id", None)})
-        return error_response(OpenAIError(500, "Internal gateway error; the request id identifies it in the logs.",
-                                          "server_error", None, "internal_error"))
-
     def _openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
@@ -120,5 +140,14 @@ def create_app(config: GatewayConfig, router: Router | None = None, experts: dic
         return app.openapi_schema
 
     app.openapi = _openapi  # type: ignore[method-assign]
+    # Outermost last: request id -> CORS -> HEAD / trailing slash -> ops guard -> error boundary -> routes.
+    app.add_middleware(ErrorBoundary)
+    app.add_middleware(OpsGuard, protect=config.auth.protect_ops)
+    app.add_middleware(HttpConventions)
+    if config.cors.allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors.allow_origins),
+                           allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+                           allow_headers=list(config.cors.allow_headers), expose_headers=EXPOSED_HEADERS,
+                           max_age=config.cors.max_age_s)
     app.add_middleware(RequestIdMiddleware)
     return app

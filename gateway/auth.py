@@ -1,4 +1,4 @@
-"""Optional Bearer API keys and a per-key requests-per-minute limit.
+"""Optional API keys (Bearer, or the api-key / x-api-key headers) and a per-key requests-per-minute limit.
 
 Keys are compared in constant time (``hmac.compare_digest`` against every configured key) and
 never logged: logs and cache namespaces only see ``key_id``, a short hash of the key.
@@ -11,6 +11,7 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Mapping
 
 import redis.asyncio as aioredis
 
@@ -27,6 +28,14 @@ def key_id(key: str | None) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+# Which request headers may carry the key, in the order they are read (README, "Authentication"):
+# OpenAI's `Authorization: Bearer <key>`, Azure OpenAI's `api-key: <key>`, and `x-api-key: <key>`
+# (Anthropic-style clients, LiteLLM). The first one present is the one checked.
+KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+HOW_TO_SEND = "send 'Authorization: Bearer <key>' (or 'api-key: <key>', or 'x-api-key: <key>')"
+REALM = 'Bearer realm="octoroute"'
+
+
 class Authenticator:
     def __init__(self, config: AuthConfig, environ: dict[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
@@ -39,20 +48,32 @@ class Authenticator:
     def enabled(self) -> bool:
         return bool(self._keys)
 
+    def check_request(self, headers: Mapping[str, str]) -> str | None:
+        """``check`` on whichever of ``KEY_HEADERS`` the request carries (a plain key becomes a Bearer one)."""
+        authorization = headers.get("authorization")
+        if authorization is None or not authorization.lower().startswith("bearer "):
+            plain = headers.get("api-key") or headers.get("x-api-key")
+            if plain:
+                authorization = f"Bearer {plain}"
+        return self.check(authorization)
+
     def check(self, authorization: str | None) -> str | None:
-        """Returns the presented key (None when auth is off); raises a 401 in OpenAI's shape."""
+        """Returns the presented key (None when auth is off); raises a 401 in OpenAI's shape, with the
+        ``WWW-Authenticate`` challenge of RFC 6750 §3."""
         if not self._keys:
             return None
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise OpenAIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
-                              "invalid_request_error", None, "invalid_api_key")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise OpenAIError(401, f"Missing API key: {HOW_TO_SEND}.", "invalid_request_error", None,
+                              "invalid_api_key", headers={"WWW-Authenticate": REALM})
         presented = token.strip().encode()
         match = False
         for candidate in self._keys:  # no early exit: time does not depend on which key matched
             match |= hmac.compare_digest(presented, candidate)
         if not match:
-            raise OpenAIError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
+            raise OpenAIError(401, f"Incorrect API key provided; {HOW_TO_SEND} with a key this gateway knows.",
+                              "invalid_request_error", None, "invalid_api_key",
+                              headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'})
         return token.strip()
 
 

@@ -1,4 +1,4 @@
-"""The ``octoroute`` command: serve, config check, experts build-demo, router train/eval."""
+"""The octoroute command: serve the gateway, check a config, build the demo experts, train or evaluate the router."""
 
 from __future__ import annotations
 
@@ -9,13 +9,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway import __version__
 from gateway.config import DEFAULT_DEMO_DIR, ConfigError, GatewayConfig, load_config
+
+EXAMPLES = """examples:
+  octoroute serve                                   # embedded default: bundled router, demo experts
+  octoroute serve --config deploy/config.example.yaml --port 8080
+  octoroute config check my.yaml
+  octoroute router train --help
+"""
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.http_limits import uvicorn_config
     from gateway.logs import setup_logging
     from gateway.routing import RoutingService
     from gateway.state import load_configured_router
@@ -46,11 +57,19 @@ def _serve(args: argparse.Namespace) -> int:
             if sig == signal.SIGTERM:
                 self._captured_signals.remove(sig)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                          # Seconds as given: int() cut 1.5 to 1, and 0.5 to 0 -> None, i.e. no deadline at all.
-                          # uvicorn hints int, but hands it to asyncio.wait_for, which takes any number.
-                          timeout_graceful_shutdown=config.server.shutdown_grace_s)).run()  # type: ignore[arg-type]
-    return 0
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # bound: say where (uvicorn's own line is silenced at log level warning)
+                logging.getLogger("octoroute.app").info(
+                    "listening on http://%s:%d (octoroute %s)", host, port, __version__,
+                    extra={"host": host, "port": port, "version": __version__})
+
+    server = Server(uvicorn_config(app, config.server, host, port,
+                                   # Seconds as given: int() cut 1.5 to 1, and 0.5 to 0 -> None, i.e. no deadline.
+                                   # uvicorn hints int, but hands it to asyncio.wait_for, which takes any number.
+                                   timeout_graceful_shutdown=config.server.shutdown_grace_s))
+    server.run()
+    return 0 if server.started else 1
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -77,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         from router_model.eval import main as eval_main
         return int(eval_main(argv[2:]) or 0)
 
-    parser = argparse.ArgumentParser(prog="octoroute", description=__doc__)
+    parser = argparse.ArgumentParser(prog="octoroute", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"octoroute {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway (embedded default without --config)")
     serve.add_argument("--config", help="YAML config file (default: embedded default)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1, or server.host)")
-    serve.add_argument("--port", type=int, help="port (default 8000, or server.port)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8000, or server.port)")
     serve.set_defaults(func=_serve)
 
     config = sub.add_parser("config", help="configuration tools")
@@ -94,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     experts = sub.add_parser("experts", help="expert tools")
     experts_sub = experts.add_subparsers(dest="action", required=True)
     demo = experts_sub.add_parser("build-demo", help="build the small demonstration experts")
-    demo.add_argument("--out", default=str(DEFAULT_DEMO_DIR))
+    demo.add_argument("--out", default=str(DEFAULT_DEMO_DIR),
+                      help="directory to write the five experts to (default: %(default)s, where "
+                           "octoroute serve looks for them)")
     demo.add_argument("--data", help="routing JSONL to train on (default: shared/data/routing/train.jsonl)")
     demo.set_defaults(func=_build_demo)
 
-    router = sub.add_parser("router", help="router model: `octoroute router train|eval --help`")
+    router = sub.add_parser("router", help="train or evaluate the router model (see: octoroute router train --help)")
     router.add_argument("action", choices=["train", "eval"])
 
     args = parser.parse_args(argv)

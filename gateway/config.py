@@ -36,6 +36,17 @@ class ServerConfig(_Strict):
     shutdown_grace_s: float = Field(30.0, ge=0, description=(
         "How long SIGTERM waits for in-flight requests; those still running shortly before it "
         "(10%, at most 1 s) end with a 503 error."))
+    # Bounds on what a client may send before the app sees a request (gateway/http_limits.py).
+    max_header_bytes: int = Field(32768, ge=1024, description="Request line + headers; more gets a 431.")
+    max_headers: int = Field(100, ge=8, description="More request headers get a 431.")
+    max_url_bytes: int = Field(8192, ge=256, description="Longer request targets get a 414.")
+    read_timeout_s: float = Field(30.0, gt=0, description=(
+        "Longest time to receive one request (head and body) from its first byte, or from the connection's "
+        "opening; past it: 408 and the connection closes (slowloris)."))
+    keepalive_s: int = Field(5, ge=1, description="An idle keep-alive connection closes after this long.")
+    slow_reader_s: float = Field(10.0, gt=0, description=(
+        "Longest a stream waits for a client to take the next chunk (its TCP buffers full); past it the "
+        "stream is cut and the expert slot freed."))
 
 
 class RouterConfig(_Strict):
@@ -121,6 +132,19 @@ class AuthConfig(_Strict):
     api_keys_env: str | None = Field("OCTOROUTE_API_KEYS", description="Env var with comma-separated keys.")
     api_keys: tuple[str, ...] = ()
     rate_limit_per_minute: int | None = Field(None, ge=1, description="Requests per key per minute.")
+    protect_ops: bool = Field(False, description=(
+        "Also require a key for /metrics, /ready, /docs, /redoc and /openapi.json (/health stays open)."))
+
+
+class CorsConfig(_Strict):
+    """Cross-origin access for browser apps that call the gateway directly (Starlette's CORSMiddleware)."""
+
+    allow_origins: tuple[str, ...] = Field((), description="Origins allowed, e.g. https://app.example.com, or *; "
+                                                            "empty = CORS off.")
+    allow_headers: tuple[str, ...] = Field(("*",), description="Request headers a browser may send.")
+    max_age_s: int = Field(600, ge=0, description="How long a browser may cache a preflight answer.")
+
+
 
 
 class FusionConfig(_Strict):
@@ -156,6 +180,7 @@ class GatewayConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     auth: AuthConfig = AuthConfig()
     fusion: FusionConfig = FusionConfig()
+    cors: CorsConfig = CorsConfig()
     responses: ResponsesConfig = ResponsesConfig()
     logging: LoggingConfig = LoggingConfig()
 

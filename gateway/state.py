@@ -95,7 +95,7 @@ class State:
 
     async def admit(self, request: Request) -> str | None:
         """Authenticate and rate-limit; returns the API key (None when auth is off)."""
-        api_key = self.auth.check(request.headers.get("authorization"))
+        api_key = self.auth.check_request(request.headers)
         if self.rate_limiter is not None:
             try:
                 await self.rate_limiter.hit(key_id(api_key))

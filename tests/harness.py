@@ -19,6 +19,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.experts import Expert
+from gateway.http_limits import uvicorn_config
 from router_model import Router
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,8 +101,8 @@ def run_gateway(config: GatewayConfig | dict[str, Any], router: Router | None = 
     if isinstance(config, dict):
         config = GatewayConfig.model_validate(config)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config, router=router, experts=experts), host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(create_app(config, router=router, experts=experts), config.server,
+                                           "127.0.0.1", port, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

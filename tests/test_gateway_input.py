@@ -53,8 +53,25 @@ CASES: list[tuple[str, bytes | None, Any, int, str | None]] = [
     ("huge max_tokens", None, {"model": "auto", "messages": MSG, "max_tokens": 10**9}, 400, "max_tokens"),
     ("zero max_tokens", None, {"model": "auto", "messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
     ("unknown field", None, {"model": "auto", "messages": MSG, "frobnicate": 1}, 400, "frobnicate"),
-    ("bad role", None, {"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
-    ("no user turn", None, {"model": "auto", "messages": [{"role": "system", "content": "x"}]}, 400, "messages"),
+    ("bad role", None, {"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ("content of the wrong type", None, {"model": "auto", "messages": [*MSG, {"role": "assistant", "content": 5}]},
+     400, "messages[1].content"),
+    ("content part of the wrong type", None,
+     {"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     400, "messages[0].content[0].text"),
+    ("unknown message field", None, {"model": "auto", "messages": [{"role": "user", "content": "x", "mood": 1}]},
+     400, "messages[0].mood"),
+    ("missing role", None, {"model": "auto", "messages": [{"content": "x"}]}, 400, "messages[0].role"),
+    ("image part on text-only experts", None, {"model": "auto", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     400, "messages[0].content[0]"),
+    ("audio output", None, {"model": "auto", "messages": MSG, "modalities": ["text", "audio"]}, 400, "modalities"),
+    ("deprecated functions", None, {"model": "auto", "messages": MSG, "functions": [{"name": "f"}]}, 400,
+     "functions"),
+    ("logit_bias key not a token id", None, {"model": "auto", "messages": MSG, "logit_bias": {"hello": 1}}, 400,
+     "logit_bias"),
+    ("seed past 64 bits", None, {"model": "auto", "messages": MSG, "seed": 2**64}, 400, "seed"),
+    ("stop list too long", None, {"model": "auto", "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("too many messages", None, {"model": "auto", "messages": MSG * 51}, 400, "messages"),
     ("stream_options without stream", None,
      {"model": "auto", "messages": MSG, "stream_options": {"include_usage": True}}, 400, None),
@@ -90,6 +107,51 @@ def test_chunked_body_over_limit_is_413(setup: tuple[str, Upstream]) -> None:
 
     r = httpx.post(f"{url}/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     _assert_openai_error(r, 413)
+
+
+@pytest.mark.parametrize("prompt", ["", [""], [], [[]], ["a", "b"], [[1], [2]], [-1], 5, None])
+def test_completions_refuses_bad_prompts_at_the_edge(setup: tuple[str, Upstream], prompt: Any) -> None:
+    """An empty prompt was a 500 with a raw torch error from the local expert (issue 17 #2): every prompt the
+    experts cannot take is a 400 naming ``prompt``, and none reaches an expert."""
+    url, up = setup
+    before = up.stats()["requests"]
+    r = httpx.post(f"{url}/v1/completions", json={"model": "general", "prompt": prompt, "max_tokens": 3})
+    err = _assert_openai_error(r, 400)
+    assert err["param"] is not None and err["param"].startswith("prompt"), err
+    assert up.stats()["requests"] == before
+
+
+def test_validation_messages_use_the_api_terms(setup: tuple[str, Upstream]) -> None:
+    """param is the API's field path and the message a sentence, never pydantic's (issue 17 #9)."""
+    url, _ = setup
+    bodies = [
+        {"model": "auto", "messages": [*MSG, {"role": "assistant", "content": 5}]},
+        {"model": "auto", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        {"model": "auto", "messages": [{"role": "user", "content": [{"type": "video"}]}]},
+        {"model": "auto", "messages": MSG, "temperature": "0.5"},
+        {"model": "auto", "messages": MSG, "tool_choice": 5},
+        {"model": "auto", "messages": MSG, "stop": 5},
+        {"model": "auto", "messages": [{"role": "tool"}], "n": 0},
+        {"model": 5, "messages": MSG},
+    ]
+    for body in bodies:
+        err = _assert_openai_error(_post(url, json=body), 400)
+        text = f"{err['message']} {err['param']}"
+        for internal in ("Input should", "str", "list[", "function-after", "validation", "tagged-union",
+                         "constrained", "dict[", "_type", "[key]"):
+            assert internal not in text.replace("string", "S"), (body, err)
+        assert (err["param"] and "." not in err["param"].split("[")[0]) or err["param"].startswith("messages"), err
+        assert err["param"] in err["message"], err
+
+
+def test_a_conversation_of_one_system_message_is_served(setup: tuple[str, Upstream]) -> None:
+    """OpenAI and vLLM accept it (issue 17 #10); so do chat completions and /v1/route here."""
+    url, up = setup
+    system_only = [{"role": "system", "content": "You are terse."}]
+    r = _post(url, json={"model": "general", "messages": system_only})
+    assert r.status_code == 200, r.text
+    assert up.stats()["last_body"]["messages"] == system_only
+    assert httpx.post(f"{url}/v1/route", json={"messages": system_only}).status_code == 200
 
 
 def test_completions_refuses_batched_prompts(setup: tuple[str, Upstream]) -> None:

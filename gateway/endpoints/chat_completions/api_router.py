@@ -7,7 +7,6 @@ from starlette.responses import Response
 
 from gateway.endpoints.chat_completions.protocol import ChatCompletionRequest
 from gateway.endpoints.edge import openapi_body, parse, read_json
-from gateway.errors import bad_request
 from gateway.serving import Call
 from gateway.state import State
 from router_model import Message
@@ -24,10 +23,8 @@ async def chat_completions(request: Request) -> Response:
         state.check_limits(len(data["messages"]), None)
     req = parse(ChatCompletionRequest, data)
     state.check_limits(len(req.messages), req.token_budget)
-    if not any(m.role == "user" for m in req.messages):
-        raise bad_request("messages must contain at least one user message", param="messages")
     call = Call(endpoint="chat", model=req.model, body=req.wire(),
-                messages=[Message(m.role, m.text()) for m in req.messages], stream=req.stream,
+                messages=[Message(m.role, m.text()) for m in req.messages], stream=bool(req.stream),
                 include_usage=req.include_usage, api_key=api_key, request_id=request.state.request_id,
                 receive=request.receive)
     return await state.pipeline.serve(call)

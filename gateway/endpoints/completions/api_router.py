@@ -22,7 +22,7 @@ async def completions(request: Request) -> Response:
     state.check_limits(1, req.token_budget)
     text = req.prompt_text()
     call = Call(endpoint="completions", model=req.model, body=req.wire(),
-                messages=[Message("user", text)] if text else [], stream=req.stream,
+                messages=[Message("user", text)] if text else [], stream=bool(req.stream),
                 include_usage=req.include_usage, api_key=api_key, request_id=request.state.request_id,
                 receive=request.receive)
     return await state.pipeline.serve(call)

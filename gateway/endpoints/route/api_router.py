@@ -7,7 +7,6 @@ from starlette.responses import Response
 
 from gateway.endpoints.edge import openapi_body, parse, read_json
 from gateway.endpoints.route.protocol import RouteRequest
-from gateway.errors import bad_request
 from gateway.state import State
 from router_model import Message
 
@@ -23,8 +22,6 @@ async def route(request: Request) -> Response:
         state.check_limits(len(data["messages"]), None)
     req = parse(RouteRequest, data)
     state.check_limits(len(req.messages), None)
-    if not any(m.role == "user" for m in req.messages):
-        raise bad_request("messages must contain at least one user message", param="messages")
     decision = await state.routing.decide([Message(m.role, m.text()) for m in req.messages])
     return state.json({
         "router": state.router_kind,
