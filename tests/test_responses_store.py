@@ -56,9 +56,9 @@ async def test_namespaces_per_key_and_the_entry_size_cap() -> None:
 
 
 def test_memory_store_when_the_cache_is_not_redis() -> None:
-    from gateway.cache import build_cache
+    from gateway.cache import NullCache
 
     config = GatewayConfig.model_validate({"experts": [{"name": "a", "backend": "vllm", "base_url": "http://x/v1"}],
                                            "cache": {"backend": "none"}, "responses": {"max_entries": 7}})
-    store = ResponseStore.build(config, build_cache(config.cache))
+    store = ResponseStore.build(config, NullCache(config.cache))
     assert isinstance(store.backend, MemoryBackend) and store.backend.config.max_entries == 7

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 ResponseStatus = Literal["completed", "failed", "in_progress", "incomplete"]
@@ -55,13 +55,20 @@ class Refusal(BaseModel):
     refusal: str
 
 
+# Tags name the union's branches in pydantic's error locations: CamelCase, so that the edge's field paths
+# (``input[0].content[1]``, ``gateway.endpoints.edge.api_path``) leave them out like other branch names.
+_PART_TAGS = {"input_text": "InputText", "output_text": "OutputText", "refusal": "Refusal"}
+_ITEM_TAGS = {"message": "Message", "function_call": "FunctionCall", "function_call_output": "FunctionCallOutput"}
+
+
 def _part_type(value: Any) -> Any:
-    return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return _PART_TAGS.get(kind) if isinstance(kind, str) else None
 
 
 ContentPart = Annotated[
-    Annotated[InputText, Tag("input_text")] | Annotated[OutputText, Tag("output_text")]
-    | Annotated[Refusal, Tag("refusal")],
+    Annotated[InputText, Tag("InputText")] | Annotated[OutputText, Tag("OutputText")]
+    | Annotated[Refusal, Tag("Refusal")],
     Discriminator(_part_type, custom_error_type="unsupported_content",
                   custom_error_message="the experts read text only: content parts must be input_text, "
                                        "output_text or refusal (no images, files or audio)")]
@@ -111,14 +118,13 @@ class FunctionCallOutputItem(BaseModel):
 
 
 def _item_type(value: Any) -> Any:
-    if isinstance(value, dict):
-        return value.get("type", "message")
-    return getattr(value, "type", None)
+    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", None)
+    return _ITEM_TAGS.get(kind) if isinstance(kind, str) else None
 
 
 InputItem = Annotated[
-    Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Annotated[MessageItem, Tag("Message")] | Annotated[FunctionCallItem, Tag("FunctionCall")]
+    | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")],
     Discriminator(_item_type, custom_error_type="unsupported_item",
                   custom_error_message="input items must be message, function_call or function_call_output "
                                        "(built-in tool calls, reasoning and item references are not supported)")]
@@ -180,6 +186,16 @@ class Reasoning(BaseModel):
 
 # -- the request ------------------------------------------------------------------------------------
 
+# Fields accepted with their neutral value only, and what to do instead.
+NEUTRAL_ONLY = {
+    "background": "background mode is not supported: wait for the answer, or stream it",
+    "truncation": "the gateway never drops conversation items: send 'disabled' or leave it out",
+    "conversation": "conversation objects are not supported: chain turns with previous_response_id",
+    "prompt": "prompt templates are stored at OpenAI: send instructions and input instead",
+    "max_tool_calls": "max_tool_calls applies to built-in tools, which the gateway does not run: leave it out",
+    "top_logprobs": "logprobs are not returned by /v1/responses: use /v1/chat/completions on a vllm expert",
+}
+
 
 class ResponsesRequest(BaseModel):
     """Body of ``POST /v1/responses`` (``response_create_params.py``)."""
@@ -187,7 +203,8 @@ class ResponsesRequest(BaseModel):
     model_config = _WIRE
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
-    input: str | Annotated[list[InputItem], Field(min_length=1)]
+    input: Annotated[list[InputItem], Field(min_length=1, description=(
+        "A string (one user message) or a list of input items."))]
     instructions: str | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
@@ -218,6 +235,18 @@ class ResponsesRequest(BaseModel):
     max_tool_calls: None = None
     top_logprobs: Literal[0] | None = None
 
+    @field_validator(*NEUTRAL_ONLY, mode="before")
+    @classmethod
+    def _neutral_only(cls, v: Any, info: ValidationInfo) -> Any:
+        if v not in (None, False, 0, "disabled"):
+            raise ValueError(NEUTRAL_ONLY[info.field_name or ""])
+        return v
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _string_is_one_user_message(cls, v: Any) -> Any:
+        return [{"type": "message", "role": "user", "content": v}] if isinstance(v, str) else v
+
     @field_validator("tools", mode="before")
     @classmethod
     def _function_tools_only(cls, v: Any) -> Any:
@@ -236,11 +265,6 @@ class ResponsesRequest(BaseModel):
                              "use /v1/chat/completions with logprobs on a vllm expert")
         return v
 
-    @property
-    def input_items(self) -> list[MessageItem | FunctionCallItem | FunctionCallOutputItem]:
-        if isinstance(self.input, str):
-            return [MessageItem(role="user", content=self.input)]
-        return list(self.input)
 
 
 # -- the response object and its output items (response.py, response_output_*.py) -------------------------

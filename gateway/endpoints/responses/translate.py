@@ -51,7 +51,7 @@ def new_id(prefix: str) -> str:
 def stored_items(req: ResponsesRequest) -> list[Item]:
     """The request's input items as ``GET …/input_items`` lists them: every item with an id and a status."""
     items: list[Item] = []
-    for item in req.input_items:
+    for item in req.input:
         if isinstance(item, MessageItem):
             part = "output_text" if item.role == "assistant" else "input_text"
             content = [{"type": part, "text": item.content}] if isinstance(item.content, str) else [
@@ -68,7 +68,7 @@ def stored_items(req: ResponsesRequest) -> list[Item]:
 def chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
     """The request's input items as chat messages (without the instructions)."""
     messages: list[ChatMessage] = []
-    for item in req.input_items:
+    for item in req.input:
         if isinstance(item, MessageItem):
             messages.append({"role": item.role, "content": item.text()})
         elif isinstance(item, FunctionCallItem):
