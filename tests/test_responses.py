@@ -13,7 +13,7 @@ import pytest
 
 from router_model import KeywordRouter, Message, RouteResult
 from tests.conftest import REDIS_URL
-from tests.harness import Upstream, run_gateway, scripted_upstream, vllm_expert_config
+from tests.harness import Upstream, free_port, run_gateway, scripted_upstream, vllm_expert_config
 
 KEY_A, KEY_B = "key-a-0123456789", "key-b-0123456789"
 
@@ -411,3 +411,19 @@ def test_redis_store_expires_responses(upstreams: dict[str, Upstream], redis_pre
         with pytest.raises(openai.NotFoundError) as err:
             c.responses.create(model="general", input="late", previous_response_id=created.id)
         assert err.value.code == "previous_response_not_found"
+
+
+def test_store_that_does_not_answer_is_a_503_not_a_404(upstreams: dict[str, Upstream]) -> None:
+    config = {"experts": [vllm_expert_config("general", upstreams["general"])], "default_expert": "general",
+              "cache": {"backend": "redis", "url": f"redis://127.0.0.1:{free_port()}/0", "timeout_ms": 100},
+              "auth": {"api_keys_env": None}}
+    with run_gateway(config, router=KeywordRouter()) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        created = c.responses.create(model="general", input="hi")  # answered; storing it failed (logged)
+        assert created.output_text == "general: hi"
+        for call in (lambda: c.responses.retrieve(created.id),
+                     lambda: c.responses.create(model="general", input="more", previous_response_id=created.id)):
+            with pytest.raises(openai.InternalServerError) as err:
+                call()
+            assert err.value.status_code == 503 and err.value.code == "service_unavailable"
+            assert err.value.response.headers["retry-after"] == "1"
