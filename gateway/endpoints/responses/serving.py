@@ -98,9 +98,6 @@ class ResponsesService:
             self.state.check_limits(len(messages), req.max_output_tokens)
         except OpenAIError as err:
             raise _renamed(err) from None
-        if not any(m["role"] == "user" for m in messages):
-            raise bad_request("The conversation has no user message: send one in input (or chain with "
-                              "previous_response_id).", param="input")
         translate.check_tool_outputs(messages)
         call = Call(endpoint="chat", model=req.model, body=translate.chat_body(req, messages),
                     messages=translate.router_view(messages), stream=req.stream, include_usage=True,
