@@ -102,6 +102,12 @@ class RedisBackend(Backend):
         return bool(await self._call(self.client.delete(key)))
 
 
+def _is_entry(value: Any) -> bool:
+    """The shape ``ResponsesService`` writes: anything else (a planted or truncated value) is treated as absent."""
+    return (isinstance(value, dict) and isinstance(value.get("response"), dict)
+            and isinstance(value.get("input_items"), list) and isinstance(value.get("conversation"), list))
+
+
 class ResponseStore:
     def __init__(self, backend: Backend, prefix: str, max_entry_bytes: int) -> None:
         self.backend = backend
@@ -131,9 +137,11 @@ class ResponseStore:
         try:
             entry = orjson.loads(blob)
         except orjson.JSONDecodeError:
-            log.warning("dropping unreadable stored response %s", response_id)
+            entry = None
+        if not _is_entry(entry):
+            log.warning("ignoring an unreadable stored response: %s", response_id)
             return None
-        return entry if isinstance(entry, dict) else None
+        return entry
 
     async def put(self, api_key: str | None, response_id: str, entry: dict[str, Any]) -> bool:
         blob = orjson.dumps(entry)
