@@ -43,3 +43,11 @@ def overloaded(message: str, retry_after_s: int = 1, status: int = 429) -> OpenA
     return OpenAIError(status, message, "rate_limit_error" if status == 429 else "server_error",
                        None, "rate_limit_exceeded" if status == 429 else "service_unavailable",
                        headers={"Retry-After": str(retry_after_s)})
+
+
+def cannot_honour(expert: str, backend: str, fields: list[str], able: list[str]) -> OpenAIError:
+    """A request field the chosen expert's backend cannot honour; suggests only experts that can (``able``)."""
+    instead = (f"pin an expert that can: {', '.join(able)}" if able
+               else "no expert of this gateway can honour it")
+    return bad_request(f"expert {expert!r} ({backend} backend) cannot honour {', '.join(fields)}; remove the field "
+                       f"({instead}).", param=fields[0])

@@ -22,7 +22,7 @@ from starlette.types import Receive
 from gateway.auth import key_id
 from gateway.cache import Cache, Lookup, cache_key, is_deterministic
 from gateway.config import GatewayConfig
-from gateway.errors import OpenAIError, bad_request, model_not_found, overloaded
+from gateway.errors import OpenAIError, bad_request, cannot_honour, model_not_found, overloaded
 from gateway.experts import Endpoint, ExpertHandle, UpstreamError
 from gateway.fusion import (
     FusionHooks,
@@ -288,9 +288,9 @@ class Pipeline:
             for handle in route.handles:
                 unsupported = sorted(f for f in handle.expert.unsupported if _asks_for(call.body, f))
                 if unsupported:
-                    raise bad_request(f"expert {handle.name!r} ({handle.config.backend} backend) cannot honour "
-                                      f"{', '.join(unsupported)}; remove the field or pin a vllm expert",
-                                      param=unsupported[0])
+                    raise cannot_honour(handle.name, handle.config.backend, unsupported,
+                                        [h.name for h in self.experts.values() if not h.expert.unsupported & {
+                                            *unsupported}])
             if route.fused:
                 headers["x-octoroute-fused"] = ",".join(h.name for h, _ in route.fused)
             answer = self._answer_fused(call, route.fused) if route.fused else self._answer(call, route.handle)
