@@ -60,6 +60,10 @@ REPOS: dict[str, str] = {
     "openai/grade-school-math": "3101c7d5072418e28b9008a6636bde82a006892c",
     "LEXam-Benchmark/LEXam": "487f729e85725e5d3e00c0b25142de1e86cda643",
     "google-research-datasets/dstc8-schema-guided-dialogue": "e852981ae34990f4358979625854259302feaa78",
+    "lydiahallie/javascript-questions": "a8b427b9f7f94f1a2965144ba544b475c5f65829",
+    "exercism/problem-specifications": "03f83310ed0547b902d211a05d23b3d74661df02",
+    "karan/Projects": "10ed1c05166c66aa1b1085b92d95b67ad5268182",
+    "donnemartin/interactive-coding-challenges": "358f2cc60426d5c4c3d7d580910eec9a7b393fa9",
 }
 
 # Dropped from rows labelled `general` (same spirit as the shared dataset's DOMAIN_RE): a hit means
@@ -134,9 +138,15 @@ class Mirror:
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
 
 
-def clean(text: str) -> str:
-    """HTML-unescapes and collapses runs of spaces (newlines between paragraphs are kept)."""
-    text = html.unescape(text).replace("\u00a0", " ")
+def clean(text: str, keep_indent: bool = False) -> str:
+    """HTML-unescapes and collapses runs of spaces (newlines between paragraphs are kept).
+
+    With `keep_indent` (text with code), leading spaces of lines are kept and only trailing ones removed.
+    """
+    text = html.unescape(text).replace("\u00a0", " ").replace("\r", "")
+    if keep_indent:
+        text = re.sub(r"[ \t]+\n", "\n", text)
+        return re.sub(r"\n{3,}", "\n\n", text).strip()
     text = re.sub(r"[ \t\r\f\v]+", " ", text)
     text = re.sub(r" *\n *", "\n", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
@@ -247,7 +257,7 @@ def openstax_python(mirror: Mirror) -> list[Row]:
             paras = [p for p in note if p.tag in {f"{CNX}para", f"{CNX}list", f"{CNX}code"}]
             body = "\n".join(_cnx_text(p) if p.tag != f"{CNX}code" else (p.text or "").strip("\n")
                              for p in paras)
-            body = clean(body)
+            body = clean(body, keep_indent=True)
             if len(body) < 40 or "os-embed" in body:
                 continue
             text = f"{title}\n{body}" if title and title.lower() not in body[:80].lower() else body
@@ -319,6 +329,82 @@ def dsi_technical(mirror: Mirror) -> list[Row]:
             q = f"Write an SQL query: {q}" if not q.lower().startswith(("write", "select")) else q
         sub = "sql" if section == "sql" else ("python" if "python" in section else "algorithms")
         rows.append(Row(q, "code", f"ds_interviews/{sub}", "CC-BY-4.0"))
+    return rows
+
+
+JSQ_REPO = "lydiahallie/javascript-questions"
+
+
+def js_questions(mirror: Mirror) -> list[Row]:
+    """JavaScript MC questions (MIT): title + code block + options `- A: …` (code MC with pasted code)."""
+    text = mirror.show(JSQ_REPO, "README.md")
+    rows: list[Row] = []
+    for block in re.split(r"^###### \d+\. ", text, flags=re.M)[1:]:
+        body = block.split("<details>")[0].split("\n---")[0]
+        body = clean(body, keep_indent=True)
+        if "- A:" in body and len(body) >= 20:
+            rows.append(Row(cap(body), "code", "js_questions/mc", "MIT"))
+    return rows
+
+
+EXERCISM_REPO = "exercism/problem-specifications"
+
+
+def _strip_md_links(text: str) -> str:
+    text = re.sub(r"\[([^\]]+)\]\[[^\]]*\]", r"\1", text)  # [text][ref]
+    text = re.sub(r"\[([^\]]+)\]\([^)]*\)", r"\1", text)  # [text](url)
+    return re.sub(r"^\[[^\]]+\]:\s*\S+.*$", "", text, flags=re.M)  # reference definitions
+
+
+def exercism_tasks(mirror: Mirror) -> list[Row]:
+    """Exercism problem specifications (MIT) → code: one-line blurbs and full task descriptions."""
+    paths = mirror.ls(EXERCISM_REPO)
+    names = sorted({p.split("/")[1] for p in paths if re.match(r"^exercises/[^/]+/metadata\.toml$", p)})
+    rows: list[Row] = []
+    for name in names:
+        if f"exercises/{name}/.deprecated" in paths:
+            continue
+        meta = mirror.show(EXERCISM_REPO, f"exercises/{name}/metadata.toml")
+        blurb = re.search(r'^blurb\s*=\s*"(.*)"\s*$', meta, re.M)
+        if blurb:
+            rows.append(Row(clean(blurb.group(1)), "code", "exercism/blurb", "MIT"))
+        # instructions.md states the task; introduction.md is often only a story, so it is left out
+        parts = [f"exercises/{name}/{f}" for f in ("instructions.md", "description.md")]
+        body = next((mirror.show(EXERCISM_REPO, p) for p in parts if p in paths), "")
+        body = re.sub(r"^#+ (Description|Introduction|Instructions)\s*$", "", body, flags=re.M)
+        body = clean(_strip_md_links(body))
+        if len(body) >= 40:
+            rows.append(Row(cap(body), "code", "exercism/description", "MIT"))
+    return rows
+
+
+KARAN_REPO = "karan/Projects"
+
+
+def karan_projects(mirror: Mirror) -> list[Row]:
+    """Programming project ideas (MIT): `**Title** - description` → `Title - description` → code."""
+    rows: list[Row] = []
+    for m in re.finditer(r"^\*\*(.+?)\*\*\s*-\s*(.+)$", mirror.show(KARAN_REPO, "README.md"), re.M):
+        rows.append(Row(clean(f"{m.group(1)} - {m.group(2)}"), "code", "karan_projects/idea", "MIT"))
+    return rows
+
+
+DM_REPO = "donnemartin/interactive-coding-challenges"
+
+
+def coding_challenges(mirror: Mirror) -> list[Row]:
+    """Interactive coding challenges (Apache-2.0): the `## Problem:` statement of each challenge → code."""
+    rows: list[Row] = []
+    for path in mirror.ls(DM_REPO):
+        if not path.endswith("_challenge.ipynb"):
+            continue
+        cells = json.loads(mirror.show(DM_REPO, path))["cells"]
+        for cell in cells:
+            src = "".join(cell["source"]) if cell["cell_type"] == "markdown" else ""
+            m = re.match(r"^## Problem:\s*(.+?)(\n\s*\n|\n\*|$)", src, re.S)
+            if m:
+                rows.append(Row(clean(m.group(1)), "code", "coding_challenges/problem", "Apache-2.0"))
+                break
     return rows
 
 
@@ -651,6 +737,10 @@ def main() -> int:
     rows += h5bp_questions(mirror)
     rows += sysadmin_questions(mirror)
     rows += dsi_technical(mirror)
+    rows += js_questions(mirror)
+    rows += exercism_tasks(mirror)
+    rows += karan_projects(mirror)
+    rows += coding_challenges(mirror)
     rows += agieval_general(mirror, rng_for("agieval_general"))
     rows += pubmedqa_general(mirror, rng_for("pubmedqa_general"))
     rows += policyqa_legal(mirror, rng_for("policyqa_legal"))
