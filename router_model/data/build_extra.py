@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_CHARS = 1500
+MC_LETTERS = "ABCDEFGH"
 
 # repo -> pinned commit (the snapshot the rows were built from)
 REPOS: dict[str, str] = {
@@ -198,7 +199,13 @@ def _cnx_text(elem: ET.Element) -> str:
 
     def walk(e: ET.Element) -> None:
         tag = e.tag.split("}")[-1]
-        block = tag in {"para", "item", "list", "equation"}
+        if tag == "row":  # table rows as "a | b | c" lines
+            cells = [clean(" ".join(c.itertext())) for c in e if c.tag.split("}")[-1] == "entry"]
+            parts.append("\n" + " | ".join(cells) + "\n")
+            if e.tail:
+                parts.append(e.tail)
+            return
+        block = tag in {"para", "item", "list", "equation", "table", "title"}
         if block:
             parts.append("\n")
         if tag == "item":
@@ -234,9 +241,54 @@ def openstax_economics(mirror: Mirror) -> list[Row]:
                     if any(problem.iter(f"{CNX}media")) or any(problem.iter(f"{CNX}figure")):
                         continue
                     text = _cnx_text(problem)
-                    if len(text) < 25 or FIGURE_REF_RE.search(text):
+                    has_table = any(problem.iter(f"{CNX}table"))
+                    if len(text) < 25 or (FIGURE_REF_RE.search(text) and not has_table):
                         continue
                     rows.append(Row(cap(text), "finance", f"openstax_econ/{kind}", "CC-BY-4.0"))
+    return rows
+
+
+GLOSSARY_QUESTIONS = ("What is {a} {t}?", "What does \"{t}\" mean?", "Explain {t}.", "{T}: what is it?",
+                      "Can you define {t}?")
+
+
+def openstax_econ_glossary(mirror: Mirror, rng: random.Random) -> list[Row]:
+    """Key terms of the same finance chapters (CC-BY-4.0) → short conceptual questions and term MC.
+
+    Each term becomes one question in one of five fixed wordings ("What is a bond?"); every other term
+    also becomes an MC item: its definition, "Which term does this describe?" and four of the chapter's
+    terms as options `A)`–`D)` (three others from the same glossary as distractors).
+    """
+    col = ET.fromstring(mirror.show(ECON_REPO, "collections/principles-economics-3e.collection.xml"))
+    by_chapter: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    for sub in col.iter(f"{COL}subcollection"):
+        title = sub.findtext(f"{MD}title") or ""
+        if title not in ECON_FINANCE_CHAPTERS:
+            continue
+        for module in sub.iter(f"{COL}module"):
+            doc = ET.fromstring(mirror.show(ECON_REPO, f"modules/{module.get('document')}/index.cnxml"))
+            for d in doc.iter(f"{CNX}definition"):
+                term_el = d.find(f"{CNX}term")
+                term = clean(" ".join(term_el.itertext())) if term_el is not None else ""
+                meaning_el = d.find(f"{CNX}meaning")
+                if term and meaning_el is not None:
+                    by_chapter[title].append((term, clean(" ".join(meaning_el.itertext()))))
+    rows: list[Row] = []
+    for chapter in sorted(by_chapter):
+        terms = sorted(set(by_chapter[chapter]))
+        for i, (term, meaning) in enumerate(terms):
+            wording = GLOSSARY_QUESTIONS[rng.randrange(len(GLOSSARY_QUESTIONS))]
+            article = "an" if term[:1].lower() in "aeiou" else "a"
+            q = wording.format(a=article, t=term, T=term[:1].upper() + term[1:])
+            rows.append(Row(q, "finance", "openstax_econ_terms/question", "CC-BY-4.0"))
+            if i % 2 or len(terms) < 4:
+                continue
+            others = rng.sample([t for t, _ in terms if t != term], 3)
+            options = [*others, term]
+            rng.shuffle(options)
+            opts = "\n".join(f"{MC_LETTERS[j]}) {o}" for j, o in enumerate(options))
+            text = f"{meaning[:1].upper() + meaning[1:]}\n\nWhich term does this describe?\n{opts}"
+            rows.append(Row(text, "finance", "openstax_econ_terms/mc", "CC-BY-4.0"))
     return rows
 
 
@@ -480,7 +532,6 @@ def policyqa_legal(mirror: Mirror, rng: random.Random) -> list[Row]:
 
 
 LEXAM_REPO = "LEXam-Benchmark/LEXam"
-MC_LETTERS = "ABCDEFGH"
 
 
 def _xlsx_rows(mirror: Mirror, repo: str, path: str) -> list[dict[str, object]]:
@@ -667,7 +718,7 @@ def sgd_conversations(mirror: Mirror, rng: random.Random, general_cap: int) -> l
 CAPS: dict[str, int] = {
     "math|mathematics_dataset": 700,
     "general|pubmedqa": 600,
-    "legal|policyqa": 700,
+    "legal|policyqa": 450,
 }
 
 
@@ -733,6 +784,7 @@ def main() -> int:
 
     rows: list[Row] = []
     rows += openstax_economics(mirror)
+    rows += openstax_econ_glossary(mirror, rng_for("econ_glossary"))
     rows += openstax_python(mirror)
     rows += h5bp_questions(mirror)
     rows += sysadmin_questions(mirror)
