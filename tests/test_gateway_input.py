@@ -71,6 +71,8 @@ CASES: list[tuple[str, bytes | None, Any, int, str | None]] = [
     ("logit_bias key not a token id", None, {"model": "auto", "messages": MSG, "logit_bias": {"hello": 1}}, 400,
      "logit_bias"),
     ("seed past 64 bits", None, {"model": "auto", "messages": MSG, "seed": 2**64}, 400, "seed"),
+    ("top_logprobs without logprobs", None, {"model": "auto", "messages": MSG, "top_logprobs": 2}, 400,
+     "top_logprobs"),
     ("stop list too long", None, {"model": "auto", "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("too many messages", None, {"model": "auto", "messages": MSG * 51}, 400, "messages"),
     ("stream_options without stream", None,

@@ -32,7 +32,7 @@ MSG = [{"role": "user", "content": "hello"}]
 # A documented value for every field (what an SDK or framework sends).
 CHAT_SAMPLES: dict[str, Any] = {
     "model": "general", "messages": MSG, "max_tokens": 5, "temperature": 0.2, "top_p": 0.9, "n": 1,
-    "stream": False, "stream_options": None, "stop": ["\n\n"], "seed": 7, "presence_penalty": 0.1,
+    "stream": False, "stream_options": {"include_usage": True}, "stop": ["\n\n"], "seed": 7, "presence_penalty": 0.1,
     "frequency_penalty": 0.1, "logit_bias": {"50256": -100}, "user": "user-1", "top_k": 5, "min_p": 0.05,
     "repetition_penalty": 1.1, "max_completion_tokens": 5, "logprobs": True, "top_logprobs": 2,
     "response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "f"}}],
@@ -45,6 +45,8 @@ COMPLETION_SAMPLES: dict[str, Any] = {
     **{k: v for k, v in CHAT_SAMPLES.items() if k in COMPLETION_FIELDS}, "prompt": "hello", "best_of": 1,
     "echo": False, "logprobs": 1, "suffix": "!",
 }
+# Fields that only mean something beside another one.
+COMPANIONS: dict[str, dict[str, Any]] = {"top_logprobs": {"logprobs": True}, "stream_options": {"stream": True}}
 # What the openai SDK's ``message.model_dump()`` gives for an assistant message, replayed as history.
 SDK_ASSISTANT = {"role": "assistant", "content": "hi", "refusal": None, "audio": None, "annotations": [],
                  "function_call": None, "tool_calls": None}
@@ -80,7 +82,7 @@ def _forwarded_or_dropped(up: Upstream, table: dict[str, Any], field: str, value
 @pytest.mark.parametrize("field", sorted(CHAT_FIELDS))
 def test_every_chat_field_is_accepted(setup: tuple[str, Upstream], field: str) -> None:
     url, up = setup
-    body = {"model": "general", "messages": MSG, field: CHAT_SAMPLES[field]}
+    body = {"model": "general", "messages": MSG, **COMPANIONS.get(field, {}), field: CHAT_SAMPLES[field]}
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
     assert r.status_code == 200, r.text
     _forwarded_or_dropped(up, CHAT_FIELDS, field, CHAT_SAMPLES[field])
@@ -89,7 +91,7 @@ def test_every_chat_field_is_accepted(setup: tuple[str, Upstream], field: str) -
 @pytest.mark.parametrize("field", sorted(COMPLETION_FIELDS))
 def test_every_completions_field_is_accepted(setup: tuple[str, Upstream], field: str) -> None:
     url, up = setup
-    body = {"model": "general", "prompt": "hello", field: COMPLETION_SAMPLES[field]}
+    body = {"model": "general", "prompt": "hello", **COMPANIONS.get(field, {}), field: COMPLETION_SAMPLES[field]}
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
     assert r.status_code == 200, r.text
     _forwarded_or_dropped(up, COMPLETION_FIELDS, field, COMPLETION_SAMPLES[field])
@@ -133,7 +135,8 @@ BODY = b'{"model": "general", "messages": [{"role": "user", "content": "compress
 
 @pytest.mark.parametrize(("encoding", "encode"), [
     ("gzip", gzip.compress), ("x-gzip", gzip.compress), ("deflate", zlib.compress), ("br", brotli.compress),
-    ("identity", lambda b: b), ("gzip, br", lambda b: brotli.compress(gzip.compress(b))), ("GZIP", gzip.compress)])
+    ("identity", lambda b: b), ("gzip, br", lambda b: brotli.compress(gzip.compress(b))), ("GZIP", gzip.compress),
+    ("gzip", lambda b: gzip.compress(b[:20]) + gzip.compress(b[20:]))])
 def test_encoded_bodies_are_decoded(setup: tuple[str, Upstream], encoding: str, encode: Any) -> None:
     url, up = setup
     r = _encoded(url, encode(BODY), encoding)
@@ -143,6 +146,7 @@ def test_encoded_bodies_are_decoded(setup: tuple[str, Upstream], encoding: str, 
 
 @pytest.mark.parametrize(("encoding", "payload", "status"), [
     ("br", BODY, 400), ("gzip", BODY, 400), ("deflate", BODY, 400), ("gzip", gzip.compress(BODY)[:-12], 400),
+    ("deflate", zlib.compress(BODY) + b"trailing", 400), ("gzip", gzip.compress(BODY) + b"trailing", 400),
     ("compress", BODY, 415), ("zstd", BODY, 415), ("gzip, snappy", BODY, 415),
     ("gzip", gzip.compress(b" " * 5_000_000), 413), ("br", brotli.compress(b" " * 5_000_000), 413),
     ("deflate", zlib.compress(b" " * 5_000_000), 413)])

@@ -46,7 +46,13 @@ class _Decoder:
                 out += self._br.process(b"", output_buffer_limit=room + 1 - len(out))
             return bytes(out)
         if self._zlib is not None:
-            return bytes(self._zlib.decompress(data, room + 1))
+            out = self._zlib.decompress(data, room + 1)
+            while self._zlib.eof and self._zlib.unused_data and len(out) <= room:
+                if self.encoding != "gzip":  # a gzip body may hold several members (RFC 1952 §2.2); others one
+                    raise zlib.error("data after the end of the stream")
+                rest, self._zlib = self._zlib.unused_data, zlib.decompressobj(31)
+                out += self._zlib.decompress(rest, room + 1 - len(out))
+            return bytes(out)
         return data
 
     def done(self) -> bool:
@@ -143,11 +149,15 @@ def _json_type(value: object) -> str:
     return next((word for kind, word in _JSON_TYPES if isinstance(value, kind)), "something else")
 
 
-def api_path(loc: tuple[int | str, ...]) -> str:
+def api_path(loc: tuple[int | str, ...], client_named_last: bool = False) -> str:
     """pydantic's location as the API names it: ``("messages", 1, "content", "str")`` -> ``messages[1].content``.
 
     Union branches (``str``, ``list[...]``, ``function-after[...]``, ``constrained-str``) and
-    dict-key markers are pydantic's, not the API's: they are left out."""
+    dict-key markers are pydantic's, not the API's: they are left out. ``client_named_last``: the last part is
+    a name the client sent (an unknown field), kept as sent whatever it looks like."""
+    if client_named_last and loc:
+        head = api_path(loc[:-1])
+        return f"{head}.{loc[-1]}" if head else str(loc[-1])
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -188,7 +198,7 @@ def validation_error(errors: list[ErrorDetails]) -> OpenAIError:
     specific = [e for e in errors if e["type"] not in _TYPE_WORDS]
     if specific:
         first = max(specific, key=lambda e: len(e["loc"]))  # max keeps the first of equals
-        path = api_path(first["loc"])
+        path = api_path(first["loc"], client_named_last=first["type"] == "extra_forbidden")
         return bad_request(_sentence(first, path), param=path or None)
     paths = [api_path(e["loc"]) for e in errors]
     deepest = max(range(len(errors)), key=lambda i: len(paths[i]))  # the branch that got furthest

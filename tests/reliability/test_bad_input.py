@@ -236,14 +236,14 @@ def test_bad_sampling_parameters_are_400(setup: tuple[str, Upstream], content: b
 UNKNOWN = {
     "chat top level": ("/v1/chat/completions", _body(frobnicate=1), "frobnicate"),
     "chat message": ("/v1/chat/completions", orjson.dumps(
-        {"model": "auto", "messages": [{"role": "user", "content": "x", "mood": "happy"}]}), "messages.0.mood"),
+        {"model": "auto", "messages": [{"role": "user", "content": "x", "mood": "happy"}]}), "messages[0].mood"),
     "chat content part": ("/v1/chat/completions", orjson.dumps(
         {"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": "x", "z": 1}]}]}),
         None),
     "stream_options": ("/v1/chat/completions", _body(stream=True, stream_options={"include_usage": True, "x": 1}),
                        "stream_options.x"),
-    "completions top level": ("/v1/completions", orjson.dumps({"model": "auto", "prompt": "x", "best_of": 2}),
-                              "best_of"),
+    "completions top level": ("/v1/completions", orjson.dumps({"model": "auto", "prompt": "x", "best_off": 2}),
+                              "best_off"),
     "route top level": ("/v1/route", orjson.dumps({"messages": MSG, "model": "auto"}), "model"),
     "null byte field name": ("/v1/chat/completions", _body(**{"a\u0000b": 1}), "a\u0000b"),
 }
