@@ -80,11 +80,15 @@ async def _log_readiness(state: State) -> None:
             down[name] = (f"no answer from {cfg.base_url}/models within {cfg.timeouts.connect_s:g} s"
                           if cfg.backend == "vllm" else "not running")
     info = {"experts": names, "router": state.router_kind, "cache": state.config.cache.backend}
-    if len(down) < len(names):
-        log.info("gateway ready", extra={**info, "experts_down": down})
+    why = "; ".join(f"{n}: {reason}" for n, reason in down.items())
+    if not down:
+        log.info("gateway ready", extra=info)
+    elif len(down) < len(names):
+        log.warning("gateway ready, but experts are down (requests for them fall back or fail): %s", why,
+                    extra={**info, "experts_down": down})
     else:
-        log.warning("gateway started but NOT ready (/ready answers 503): no expert is reachable; %s",
-                    "; ".join(f"{n}: {why}" for n, why in down.items()), extra={**info, "experts_down": down})
+        log.warning("gateway started but NOT ready (/ready answers 503): no expert is reachable; %s", why,
+                    extra={**info, "experts_down": down})
 
 
 def create_app(config: GatewayConfig, router: Router | None = None, experts: dict[str, Expert] | None = None,
