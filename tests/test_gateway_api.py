@@ -160,3 +160,23 @@ def test_unknown_path_is_openai_shaped(gateway: str) -> None:
 def test_request_id_is_echoed(gateway: str) -> None:
     r = httpx.get(f"{gateway}/health", headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
+
+
+def test_the_readme_examples_work_after_its_install_command(gateway: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """issue 17 #11: the README's install command is `pip install -e .`, so the `openai` SDK its Python example
+    imports must be a dependency of the package, and the example itself must run (here against this test's
+    gateway instead of localhost:8000)."""
+    import re
+    import tomllib
+
+    from tests.harness import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert any(re.match(r"openai\b", dep) for dep in project["dependencies"])
+    readme = (REPO / "README.md").read_text()
+    assert "pip install -e ." in readme
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert snippet is not None and "from openai import OpenAI" in snippet.group(1)
+    code = snippet.group(1).replace("http://localhost:8000/v1", f"{gateway}/v1")
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("general: SQL to count rows per day")
