@@ -65,6 +65,7 @@ REPOS: dict[str, str] = {
     "exercism/problem-specifications": "03f83310ed0547b902d211a05d23b3d74661df02",
     "karan/Projects": "10ed1c05166c66aa1b1085b92d95b67ad5268182",
     "donnemartin/interactive-coding-challenges": "358f2cc60426d5c4c3d7d580910eec9a7b393fa9",
+    "jkkummerfeld/irc-disentanglement": "82ed04f9627a45d0d6f2ec3c8683c88eb408a0d5",
 }
 
 # Dropped from rows labelled `general` (same spirit as the shared dataset's DOMAIN_RE): a hit means
@@ -710,6 +711,79 @@ def sgd_conversations(mirror: Mirror, rng: random.Random, general_cap: int) -> l
     return convs + general_follow[:general_cap]
 
 
+IRC_REPO = "jkkummerfeld/irc-disentanglement"
+IRC_LINE_RE = re.compile(r"^\[[0-9:]+\] <([^>]+)> (.*)$")
+HELP_RE = re.compile(r"\?|\b(how|help|anyone|anybody|is there|can i|why|what|where|problem|error)\b", re.I)
+
+
+def _threads(annotation: str) -> list[list[int]]:
+    """Connected components of the annotated reply links (`a b -` links message a and b)."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for line in annotation.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+            a, b = int(parts[0]), int(parts[1])
+            parent[find(a)] = find(b)
+    groups: dict[int, list[int]] = collections.defaultdict(list)
+    for x in list(parent):
+        groups[find(x)].append(x)
+    return [sorted(g) for g in groups.values()]
+
+
+def irc_conversations(mirror: Mirror, rng: random.Random, cap_n: int) -> list[Conversation]:
+    """Disentangled #ubuntu IRC help threads (data CC-BY-4.0) → code follow-ups.
+
+    In a thread, the person who wrote its first message is the `user`, everyone who answers is the
+    `assistant` (consecutive lines of one side are merged, a leading "nick:" address is removed). Cut after
+    a seeded user turn from the second on, so the last turn relies on the thread ("still says permission
+    denied", "ok done, now what?").
+    """
+    paths = mirror.ls(IRC_REPO)
+    files = [p[: -len(".annotation.txt")] for p in paths
+             if re.match(r"^data/(train|dev|test)/.+\.annotation\.txt$", p)]
+    convs: list[Conversation] = []
+    for base in files:
+        if f"{base}.ascii.txt" not in paths:
+            continue
+        lines = mirror.show(IRC_REPO, f"{base}.ascii.txt").split("\n")
+        for thread in _threads(mirror.show(IRC_REPO, f"{base}.annotation.txt")):
+            said = [IRC_LINE_RE.match(lines[i]) for i in thread if i < len(lines)]
+            msgs_raw = [(m.group(1), m.group(2)) for m in said if m]
+            if len(msgs_raw) < 4:
+                continue
+            asker = msgs_raw[0][0]
+            nicks = {n for n, _ in msgs_raw}
+            msgs: list[tuple[str, str]] = []
+            for nick, text in msgs_raw:
+                head = re.match(r"^([^\s:,]+)[:,]\s*(.*)$", text)
+                if head and head.group(1) in nicks:
+                    text = head.group(2)
+                text = clean(text)
+                if not text:
+                    continue
+                role = "user" if nick == asker else "assistant"
+                if msgs and msgs[-1][0] == role:
+                    msgs[-1] = (role, msgs[-1][1] + "\n" + text)
+                else:
+                    msgs.append((role, text))
+            users = [i for i, (r, _) in enumerate(msgs) if r == "user" and i >= 2]
+            if not users or not HELP_RE.search(msgs[0][1]):
+                continue  # threads must open with a question (not join a discussion midway)
+            end = rng.choice(users)
+            convs.append(Conversation(tuple((r, cap(c)) for r, c in msgs[: end + 1]), "code",
+                                      "ubuntu_irc/thread", "CC-BY-4.0", "follow_up"))
+    rng.shuffle(convs)
+    return convs[:cap_n]
+
+
 # ---------------------------------------------------------------------------------------------
 # Assembly
 # ---------------------------------------------------------------------------------------------
@@ -802,6 +876,7 @@ def main() -> int:
     kept.sort(key=lambda r: (r.label, r.source, r.text))
     convs = mathdial_conversations(mirror, rng_for("mathdial"))
     convs += sgd_conversations(mirror, rng_for("sgd"), general_cap=400)
+    convs += irc_conversations(mirror, rng_for("irc"), cap_n=500)
 
     a.out.mkdir(parents=True, exist_ok=True)
     extra = a.out / "extra_train.jsonl"
