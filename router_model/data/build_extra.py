@@ -66,6 +66,7 @@ REPOS: dict[str, str] = {
     "karan/Projects": "10ed1c05166c66aa1b1085b92d95b67ad5268182",
     "donnemartin/interactive-coding-challenges": "358f2cc60426d5c4c3d7d580910eec9a7b393fa9",
     "jkkummerfeld/irc-disentanglement": "82ed04f9627a45d0d6f2ec3c8683c88eb408a0d5",
+    "30-seconds/30-seconds-of-interviews": "eb703b6a5afbec694014266e3b11230cfd1f3aa9",
 }
 
 # Dropped from rows labelled `general` (same spirit as the shared dataset's DOMAIN_RE): a hit means
@@ -431,6 +432,23 @@ def exercism_tasks(mirror: Mirror) -> list[Row]:
     return rows
 
 
+THIRTY_REPO = "30-seconds/30-seconds-of-interviews"
+
+
+def thirty_seconds_questions(mirror: Mirror) -> list[Row]:
+    """30 seconds of interviews (MIT): the `### question` of each file (JS/CSS/HTML/React, with code) → code."""
+    rows: list[Row] = []
+    for path in mirror.ls(THIRTY_REPO):
+        if not (path.startswith("questions/") and path.endswith(".md")):
+            continue
+        text = mirror.show(THIRTY_REPO, path)
+        m = re.search(r"^### (.+?)(?=^#### Answer)", text, re.S | re.M)
+        if m:
+            rows.append(Row(cap(clean(m.group(1), keep_indent=True)), "code", "thirty_sec_interviews/question",
+                            "MIT"))
+    return rows
+
+
 KARAN_REPO = "karan/Projects"
 
 
@@ -577,8 +595,12 @@ def lexam_legal(mirror: Mirror) -> list[Row]:
 MDS_REPO = "deepmind/mathematics_dataset"
 
 
-def mathematics_dataset(mirror: Mirror, per_module: int, seed: int) -> list[Row]:
-    """Terse generated math commands from deepmind/mathematics_dataset (Apache-2.0) → math."""
+def mathematics_dataset(mirror: Mirror, per_module: int, mc_per_module: int, seed: int) -> list[Row]:
+    """Terse generated math commands from deepmind/mathematics_dataset (Apache-2.0) → math.
+
+    `per_module` plain questions per module and difficulty; `mc_per_module` more become MC items whose
+    three distractors are answers of other problems of the same module (so options look alike).
+    """
     if not all(importlib.util.find_spec(m) for m in ("numpy", "six", "sympy", "absl")):
         print("skipping mathematics_dataset: run with an interpreter that has six, sympy==1.5.1, numpy<1.24",
               file=sys.stderr)
@@ -604,16 +626,32 @@ def mathematics_dataset(mirror: Mirror, per_module: int, seed: int) -> list[Row]
     for level, difficulty in enumerate(("easy", "medium", "hard")):
         add(modules.train(generate._make_entropy_fn(level, 3)), difficulty)
     rows: list[Row] = []
+    mc_rng = random.Random(seed)
     for name, fn in flat.items():
         group = name.split("__")[1]
-        for _ in range(per_module):
+        problems: list[tuple[str, str]] = []
+        for _ in range(per_module + mc_per_module):
             try:
                 problem = fn()
             except Exception:  # a generator failing under this sympy/numpy: skip the module
                 break
             q = clean(str(problem.question))  # type: ignore[attr-defined]
             if 8 <= len(q) <= 400:
-                rows.append(Row(q, "math", f"mathematics_dataset/{group}", "Apache-2.0"))
+                problems.append((q, clean(str(problem.answer))))  # type: ignore[attr-defined]
+        for q, _ in problems[:per_module]:
+            rows.append(Row(q, "math", f"mathematics_dataset/{group}", "Apache-2.0"))
+        answers = sorted({a for _, a in problems})
+        for q, a in problems[per_module:]:
+            others = [x for x in answers if x != a]
+            if len(others) < 3 or len(a) > 60:
+                continue
+            options = [*mc_rng.sample(others, 3), a]
+            mc_rng.shuffle(options)
+            if mc_rng.random() < 0.5:
+                opts = "\n".join(f"{MC_LETTERS[j]}. {o}" for j, o in enumerate(options))
+            else:
+                opts = "  ".join(f"({MC_LETTERS[j]}) {o}" for j, o in enumerate(options))
+            rows.append(Row(f"{q}\n{opts}", "math", f"mathematics_dataset_mc/{group}", "Apache-2.0"))
     return rows
 
 
@@ -791,6 +829,7 @@ def irc_conversations(mirror: Mirror, rng: random.Random, cap_n: int) -> list[Co
 # label|family -> cap on rows kept (seeded sample), so no single source dominates a label
 CAPS: dict[str, int] = {
     "math|mathematics_dataset": 700,
+    "math|mathematics_dataset_mc": 350,
     "general|pubmedqa": 600,
     "legal|policyqa": 450,
 }
@@ -866,12 +905,13 @@ def main() -> int:
     rows += js_questions(mirror)
     rows += exercism_tasks(mirror)
     rows += karan_projects(mirror)
+    rows += thirty_seconds_questions(mirror)
     rows += coding_challenges(mirror)
     rows += agieval_general(mirror, rng_for("agieval_general"))
     rows += pubmedqa_general(mirror, rng_for("pubmedqa_general"))
     rows += policyqa_legal(mirror, rng_for("policyqa_legal"))
     rows += lexam_legal(mirror)
-    rows += mathematics_dataset(mirror, per_module=8, seed=a.seed)
+    rows += mathematics_dataset(mirror, per_module=8, mc_per_module=4, seed=a.seed)
     kept, dropped_shared = dedupe_and_cap(rows, load_shared(a.shared), rng_for("caps"))
     kept.sort(key=lambda r: (r.label, r.source, r.text))
     convs = mathdial_conversations(mirror, rng_for("mathdial"))
