@@ -88,7 +88,9 @@ def test_router_chosen_fusion_answers_alone_when_the_request_cannot_be_fused(emb
     assert pinned.status_code == 400 and pinned.json()["error"]["param"] == "logit_bias"  # asked for: say why not
     several = httpx.post(f"{embedded}/v1/chat/completions", json={**body, "model": "math", "n": 2})
     assert several.status_code == 400 and several.json()["error"]["param"] == "n"  # local experts give one choice
-    assert "vllm" in several.json()["error"]["message"]
+    # the embedded default has no vllm expert: the message must not send the client looking for one
+    assert "vllm" not in several.json()["error"]["message"]
+    assert "no expert of this gateway can honour it" in several.json()["error"]["message"]
 
 
 @pytest.mark.vllm

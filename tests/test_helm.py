@@ -24,6 +24,7 @@ import yaml
 from gateway.config import (
     AuthConfig,
     CacheConfig,
+    CorsConfig,
     ExpertConfig,
     FusionConfig,
     GatewayConfig,
@@ -555,7 +556,7 @@ def test_values_schema_matches_gateway_config() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     config = schema["properties"]["gateway"]["properties"]["config"]["properties"]
     models = {"server": ServerConfig, "router": RouterConfig, "cache": CacheConfig, "auth": AuthConfig,
-              "fusion": FusionConfig, "responses": ResponsesConfig, "logging": LoggingConfig}
+              "cors": CorsConfig, "fusion": FusionConfig, "responses": ResponsesConfig, "logging": LoggingConfig}
     top = {f.alias or n for n, f in GatewayConfig.model_fields.items()}
     assert set(config) == top - {"experts"}, "gateway.config sections differ from GatewayConfig"
     for section, model in models.items():
