@@ -183,10 +183,15 @@ def norm(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 ECON_REPO = "openstax/osbooks-principles-economics-bundle"
+# Financial markets + the macroeconomics chapters (the shared dataset maps MMLU macroeconomics to finance;
+# microeconomics and trade-policy chapters are left out as ambiguous, as there).
 ECON_FINANCE_CHAPTERS = {
-    "Financial Markets", "Inflation", "Money and Banking", "Monetary Policy and Bank Regulation",
-    "Exchange Rates and International Capital Flows", "Government Budgets and Fiscal Policy",
-    "The Impacts of Government Borrowing",
+    "Financial Markets", "The Macroeconomic Perspective", "Economic Growth", "Unemployment", "Inflation",
+    "The International Trade and Capital Flows", "The Aggregate Demand/Aggregate Supply Model",
+    "The Keynesian Perspective", "The Neoclassical Perspective", "Money and Banking",
+    "Monetary Policy and Bank Regulation", "Exchange Rates and International Capital Flows",
+    "Government Budgets and Fiscal Policy", "The Impacts of Government Borrowing",
+    "Macroeconomic Policy Around the World",
 }
 ECON_SECTIONS = {"self-check-questions", "review-questions", "critical-thinking", "problems"}
 CNX = "{http://cnx.rice.edu/cnxml}"
