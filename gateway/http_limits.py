@@ -57,8 +57,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        if self.cycle is not None and self.cycle.response_started:
-            self.transport.close()  # the answer is already going out: nothing else can be said
+        if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
+            self.transport.close()  # an answer is going out: nothing else can be said
             return
         self._refuse(OpenAIError(408, f"The request was not received within {self.limits.read_timeout_s:g} s; "
                                       "send it whole, faster.", "invalid_request_error", None, "request_timeout"))

@@ -139,10 +139,14 @@ def test_oversized_heads_are_refused(gateway: GatewayProcess, request_head: byte
     assert httpx.get(f"{gateway.url}/health").status_code == 200
 
 
-@pytest.mark.parametrize("what", ["silent connection", "slow head", "slow body"])
+@pytest.mark.parametrize("what", ["silent connection", "slow head", "slow body", "slow second request"])
 def test_slow_clients_get_408_at_the_read_deadline(gateway: GatewayProcess, what: str) -> None:
     """server.read_timeout_s (1.5 s here) bounds the time to receive a request; before, >= 45 s."""
     sock = _connect(gateway)
+    if what == "slow second request":  # on a kept-alive connection, after a first request was answered
+        sock.sendall(_raw("GET", "/health"))
+        assert _read_response(sock)[0] == 200
+        what = "slow head"
     started = time.perf_counter()
     if what == "slow body":
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
