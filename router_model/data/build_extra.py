@@ -827,6 +827,36 @@ def irc_conversations(mirror: Mirror, rng: random.Random, cap_n: int) -> list[Co
     return convs[:cap_n]
 
 
+SGD_FINANCE_WORDS = re.compile(
+    r"\b(balance|transfer|account|savings|checking|send|pay|payment|money|bank|deposit|\$\d)", re.I)
+
+
+def sgd_finance_turns(mirror: Mirror, rng: random.Random, cap_n: int) -> list[Row]:
+    """Later user turns of SGD bank/payment dialogues (CC-BY-SA-4.0) that stand alone → finance.
+
+    The shared dataset has the *first* user turn of each dialogue (family `sgd`); these are later turns
+    that name a bank/payment action themselves ("Can you check my balance in my checking account?").
+    Same family name `sgd`, so leave-one-family-out keeps the dataset in one fold.
+    """
+    files = [p for p in mirror.ls(SGD_REPO) if re.match(r"^(train|dev|test)/dialogues_\d+\.json$", p)]
+    rows: list[Row] = []
+    for path in files:
+        try:
+            dialogues = _json_arrays(mirror.show(SGD_REPO, path))
+        except subprocess.CalledProcessError:
+            continue
+        for d in dialogues:
+            users = [t for t in d["turns"] if t["speaker"] == "USER"]  # type: ignore[attr-defined]
+            for t in users[1:]:
+                frames = t.get("frames") or [{}]
+                text = clean(t["utterance"])
+                if (str(frames[0].get("service", "")) in SGD_FINANCE and len(text.split()) >= 5
+                        and SGD_FINANCE_WORDS.search(text)):
+                    rows.append(Row(text, "finance", "sgd/finance_later_turns", "CC-BY-SA-4.0"))
+    rng.shuffle(rows)
+    return rows[:cap_n]
+
+
 # ---------------------------------------------------------------------------------------------
 # Assembly
 # ---------------------------------------------------------------------------------------------
@@ -837,6 +867,7 @@ CAPS: dict[str, int] = {
     "math|mathematics_dataset_mc": 350,
     "general|pubmedqa": 600,
     "legal|policyqa": 450,
+    "finance|sgd": 400,
 }
 
 
@@ -916,6 +947,7 @@ def main() -> int:
     rows += pubmedqa_general(mirror, rng_for("pubmedqa_general"))
     rows += policyqa_legal(mirror, rng_for("policyqa_legal"))
     rows += lexam_legal(mirror)
+    rows += sgd_finance_turns(mirror, rng_for("sgd_turns"), cap_n=1500)
     rows += mathematics_dataset(mirror, per_module=8, mc_per_module=4, seed=a.seed)
     kept, dropped_shared = dedupe_and_cap(rows, load_shared(a.shared), rng_for("caps"))
     kept.sort(key=lambda r: (r.label, r.source, r.text))
