@@ -479,7 +479,9 @@ def coding_challenges(mirror: Mirror) -> list[Row]:
             src = "".join(cell["source"]) if cell["cell_type"] == "markdown" else ""
             m = re.match(r"^## Problem:\s*(.+?)(\n\s*\n|\n\*|$)", src, re.S)
             if m:
-                rows.append(Row(clean(m.group(1)), "code", "coding_challenges/problem", "Apache-2.0"))
+                problem = clean(m.group(1))
+                if len(problem.split()) >= 3:  # bare puzzle names ("Utopian Tree") say nothing
+                    rows.append(Row(problem, "code", "coding_challenges/problem", "Apache-2.0"))
                 break
     return rows
 
