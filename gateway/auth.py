@@ -1,4 +1,4 @@
-"""Optional API keys (Bearer, or the api-key / x-api-key headers) and a per-key requests-per-minute limit.
+"""Optional API keys (Bearer, or the api-key / x-api-key headers); the per-key limit is gateway/ratelimit.py.
 
 Keys are compared in constant time (``hmac.compare_digest`` against every configured key) and
 never logged: logs and cache namespaces only see ``key_id``, a short hash of the key.
@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import os
-import time
 from collections.abc import Mapping
-
-import redis.asyncio as aioredis
 
 from gateway.config import AuthConfig
 from gateway.errors import OpenAIError
-
-log = logging.getLogger("octoroute.auth")
 
 
 def key_id(key: str | None) -> str:
@@ -76,40 +70,3 @@ class Authenticator:
                               headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'})
         return token.strip()
 
-
-class RateLimiter:
-    """Fixed one-minute windows per key. Redis-backed when given a client (shared by replicas),
-    else in-process; a Redis failure falls back to the in-process count rather than refusing."""
-
-    def __init__(self, per_minute: int, redis: aioredis.Redis | None = None, prefix: str = "octoroute",
-                 timeout_s: float = 0.05) -> None:
-        self.per_minute = per_minute
-        self.redis = redis
-        self.prefix = prefix
-        self.timeout_s = timeout_s
-        self._local: dict[tuple[str, int], int] = {}
-
-    async def hit(self, key: str) -> None:
-        window = int(time.time() // 60)
-        count = await self._count(key, window)
-        if count > self.per_minute:
-            retry_after = max(1, int(60 - time.time() % 60))
-            raise OpenAIError(429, f"Rate limit reached: {self.per_minute} requests per minute for this key.",
-                              "rate_limit_error", None, "rate_limit_exceeded",
-                              headers={"Retry-After": str(retry_after)})
-
-    async def _count(self, key: str, window: int) -> int:
-        if self.redis is not None:
-            name = f"{self.prefix}:rl:{key}:{window}"
-            try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.incr(name)
-                    pipe.expire(name, 120)
-                    count, _ = await pipe.execute()
-                return int(count)
-            except (aioredis.RedisError, OSError, TimeoutError) as exc:
-                log.warning("rate limit: redis failed (%s); counting in-process", type(exc).__name__)
-        if len(self._local) > 100_000:  # bounded: old windows go first
-            self._local = {k: v for k, v in self._local.items() if k[1] >= window}
-        self._local[(key, window)] = self._local.get((key, window), 0) + 1
-        return self._local[(key, window)]

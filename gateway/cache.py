@@ -1,9 +1,15 @@
 """Response cache: exact match on a canonical hash of (expert, input, output-changing parameters).
 
 Two backends behind one small interface: an in-memory LRU (the embedded default) and Redis
-(``redis.asyncio``). Entries are stored with a checksum, so a truncated or corrupt entry is
-dropped instead of served. A cache that is down or slow is *bypassed*: the request goes on,
-the failure is counted, and Redis is left alone for a short back-off before the next try.
+(``redis.asyncio``). A cache that is down or slow is *bypassed*: the request goes on, the failure is
+counted, and Redis is left alone for a short back-off (``gateway.backoff``, shared with the rate limiter).
+
+Entries are not trusted because they are found: anyone who can write to the Redis could plant one.
+Each entry is sealed with an HMAC-SHA256 keyed by a secret (``cache.secret_env``; without one, a
+random per-process key: entries then live as long as the process and replicas do not share them),
+and a lookup also checks the entry's shape with the caller's test (a complete response object of
+the endpoint). An entry that fails either, or a key of the wrong Redis type, is deleted and the
+lookup is a miss: one bad entry never disables the cache for anyone else.
 """
 
 from __future__ import annotations
@@ -11,15 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
+import os
+import secrets
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
 
+from gateway.backoff import Backoff
 from gateway.config import CacheConfig
 
 log = logging.getLogger("octoroute.cache")
@@ -43,27 +54,56 @@ def cache_key(prefix: str, namespace: str, endpoint: str, expert: str, body: dic
     return f"{prefix}:resp:{namespace}:{digest}"
 
 
-def _seal(value: dict[str, Any]) -> bytes:
-    payload = orjson.dumps(value)
-    return hashlib.sha256(payload).hexdigest()[:16].encode() + b"|" + payload
+def cache_secret(config: CacheConfig, environ: dict[str, str] | None = None) -> bytes:
+    """The HMAC key: the value of ``config.secret_env``, else a random key for this process."""
+    env = os.environ if environ is None else environ
+    value = env.get(config.secret_env) if config.secret_env else None
+    if value:
+        return value.encode()
+    if config.backend == "redis":
+        log.warning("cache: %s is not set; sealing entries with a per-process key (replicas will not share "
+                    "entries, and a restart starts cold)", config.secret_env or "cache.secret_env")
+    return secrets.token_bytes(32)
 
 
-def _unseal(blob: bytes) -> dict[str, Any] | None:
-    check, sep, payload = blob.partition(b"|")
-    if not sep or hashlib.sha256(payload).hexdigest()[:16].encode() != check:
-        return None
-    try:
-        value = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+class Sealer:
+    """``mac|payload`` with an HMAC-SHA256 over the payload."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self._secret, payload, hashlib.sha256).hexdigest().encode()
+
+    def seal(self, value: dict[str, Any]) -> bytes:
+        payload = orjson.dumps(value)
+        return self._mac(payload) + b"|" + payload
+
+    def unseal(self, blob: bytes) -> dict[str, Any] | None:
+        mac, sep, payload = blob.partition(b"|")
+        if not sep or not hmac.compare_digest(mac, self._mac(payload)):
+            return None
+        try:
+            value = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return None
+        return value if isinstance(value, dict) else None
+
+
+class CacheUnavailable(Exception):
+    """The backend failed or was too slow: bypass the cache for this request."""
+
+
+class BadEntry(Exception):
+    """The key holds something that is not an entry (e.g. a Redis hash): delete it, count a miss."""
 
 
 class Cache(ABC):
     """get/set raw sealed bytes; subclasses only move bytes."""
 
-    def __init__(self, config: CacheConfig) -> None:
+    def __init__(self, config: CacheConfig, secret: bytes | None = None) -> None:
         self.config = config
+        self.sealer = Sealer(secret if secret is not None else cache_secret(config))
 
     @abstractmethod
     async def _get(self, key: str) -> bytes | None: ...
@@ -74,28 +114,32 @@ class Cache(ABC):
     @abstractmethod
     async def _delete(self, key: str) -> None: ...
 
-    async def get(self, key: str) -> tuple[Lookup, dict[str, Any] | None]:
+    async def get(self, key: str, valid: Callable[[dict[str, Any]], bool] = lambda _: True
+                  ) -> tuple[Lookup, dict[str, Any] | None]:
+        """Look ``key`` up; ``valid`` judges the entry's shape (False: deleted, a miss)."""
         try:
             blob = await self._get(key)
         except CacheUnavailable:
             return "bypass", None
+        except BadEntry:
+            blob = b""
         if blob is None:
             return "miss", None
-        value = _unseal(blob)
-        if value is None:
-            log.warning("dropping corrupt cache entry %s", key)
+        value = self.sealer.unseal(blob)
+        if value is None or not valid(value):
+            log.warning("dropping a cache entry that fails its seal or shape check: %s", key)
             with contextlib.suppress(CacheUnavailable):
                 await self._delete(key)
             return "miss", None
         return "hit", value
 
     async def set(self, key: str, value: dict[str, Any]) -> bool:
-        blob = _seal(value)
+        blob = self.sealer.seal(value)
         if len(blob) > self.config.max_entry_bytes:
             return False
         try:
             await self._set(key, blob)
-        except CacheUnavailable:
+        except (CacheUnavailable, BadEntry):
             return False
         return True
 
@@ -104,10 +148,6 @@ class Cache(ABC):
 
     async def aclose(self) -> None:
         return None
-
-
-class CacheUnavailable(Exception):
-    """The backend failed or was too slow: bypass the cache for this request."""
 
 
 class NullCache(Cache):
@@ -124,8 +164,8 @@ class NullCache(Cache):
 class MemoryCache(Cache):
     """Bounded LRU with TTL, for one process: at most ``max_entries`` entries and ``max_bytes`` bytes."""
 
-    def __init__(self, config: CacheConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: CacheConfig, secret: bytes | None = None) -> None:
+        super().__init__(config, secret)
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._bytes = 0
 
@@ -155,32 +195,30 @@ class MemoryCache(Cache):
 
 
 class RedisCache(Cache):
-    """Redis with a hard per-call deadline and a back-off after failures (no 5xx, ever)."""
+    """Redis with a hard per-call deadline (``timeout_ms``) and the shared back-off (no 5xx, ever)."""
 
-    BACKOFF_S = 1.0
-
-    def __init__(self, config: CacheConfig, on_error: Any = None) -> None:
-        super().__init__(config)
+    def __init__(self, config: CacheConfig, backoff: Backoff, secret: bytes | None = None) -> None:
+        super().__init__(config, secret)
         timeout = config.timeout_ms / 1000
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             config.url, socket_timeout=timeout, socket_connect_timeout=timeout,
             retry_on_timeout=False, health_check_interval=0)
-        self._down_until = 0.0
-        self._on_error = on_error
+        self.backoff = backoff
 
     async def _call(self, op: str, coro: Any) -> Any:
-        if time.monotonic() < self._down_until:
+        if self.backoff.down:
             coro.close()
             raise CacheUnavailable
         try:
             async with asyncio.timeout(self.config.timeout_ms / 1000):
                 return await coro
+        except aioredis.ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):  # this key is bad; Redis is fine
+                raise BadEntry from exc
+            self.backoff.trip(op, exc)
+            raise CacheUnavailable from exc
         except (TimeoutError, aioredis.RedisError, OSError) as exc:
-            self._down_until = time.monotonic() + self.BACKOFF_S
-            log.warning("redis %s failed (%s: %s); bypassing the cache for %.1fs",
-                        op, type(exc).__name__, exc, self.BACKOFF_S)
-            if self._on_error:
-                self._on_error()
+            self.backoff.trip(op, exc)
             raise CacheUnavailable from exc
 
     async def _get(self, key: str) -> bytes | None:
@@ -196,16 +234,16 @@ class RedisCache(Cache):
     async def ping(self) -> bool:
         try:
             return bool(await self._call("PING", self.client.ping()))
-        except CacheUnavailable:
+        except (CacheUnavailable, BadEntry):
             return False
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
-def build_cache(config: CacheConfig, on_error: Any = None) -> Cache:
+def build_cache(config: CacheConfig, backoff: Backoff) -> Cache:
     if config.backend == "redis":
-        return RedisCache(config, on_error=on_error)
+        return RedisCache(config, backoff)
     if config.backend == "memory":
         return MemoryCache(config)
     return NullCache(config)

@@ -61,10 +61,14 @@ class RouterConfig(_Strict):
 
 
 class TimeoutConfig(_Strict):
-    connect_s: float = Field(2.0, gt=0)
-    first_byte_s: float = Field(60.0, gt=0, description="Wait for response headers / first token.")
-    idle_s: float = Field(30.0, gt=0, description="Longest gap between two streamed chunks.")
-    total_s: float = Field(600.0, gt=0)
+    """Real bounds from the start of one expert call (gateway/experts/deadlines.py). A fallback expert
+    starts its own clock: time to first byte <= first_byte_s (chosen) + first_byte_s (fallback)."""
+
+    connect_s: float = Field(2.0, gt=0, description="One connection attempt.")
+    first_byte_s: float = Field(60.0, gt=0, description=(
+        "Response headers (non-streamed) or first chunk (streamed), connects and retries included."))
+    idle_s: float = Field(30.0, gt=0, description="Longest gap between two streamed chunks (comments don't count).")
+    total_s: float = Field(600.0, gt=0, description="The whole answer; a stream past it ends with an error event.")
 
 
 class BreakerConfig(_Strict):
@@ -114,7 +118,10 @@ class CacheConfig(_Strict):
     max_entry_bytes: int = Field(1_000_000, ge=1)
     max_entries: int = Field(10_000, ge=1, description="Memory backend: LRU capacity in entries.")
     max_bytes: int = Field(256 * 2**20, ge=1, description="Memory backend: LRU capacity in bytes.")
-    timeout_ms: int = Field(50, ge=1, description="Redis operations slower than this are a bypass.")
+    timeout_ms: int = Field(50, ge=1, description=(
+        "Redis operations slower than this are a bypass, then Redis is skipped for 1 s (docs/reliability.md)."))
+    secret_env: str | None = Field("OCTOROUTE_CACHE_SECRET", description=(
+        "Env var with the key that seals entries (HMAC-SHA256); unset: a per-process random key."))
     deterministic_only: bool = Field(True, description="Cache only temperature 0 or seeded requests.")
     shared: bool = Field(False, description="Share entries across API keys (default: one namespace per key).")
 
@@ -131,7 +138,11 @@ class ResponsesConfig(_Strict):
 class AuthConfig(_Strict):
     api_keys_env: str | None = Field("OCTOROUTE_API_KEYS", description="Env var with comma-separated keys.")
     api_keys: tuple[str, ...] = ()
-    rate_limit_per_minute: int | None = Field(None, ge=1, description="Requests per key per minute.")
+    rate_limit_per_minute: int | None = Field(None, ge=1, description=(
+        "Requests per key in any 60 s (moving window; Redis when the cache is Redis, shared by replicas)."))
+    rate_limit_outage: Literal["open", "closed"] = Field("open", description=(
+        "While Redis is unreachable: open = each replica counts on its own (the limit holds per replica), "
+        "closed = refuse with 503."))
     protect_ops: bool = Field(False, description=(
         "Also require a key for /metrics, /ready, /docs, /redoc and /openapi.json (/health stays open)."))
 
@@ -143,8 +154,6 @@ class CorsConfig(_Strict):
                                                             "empty = CORS off.")
     allow_headers: tuple[str, ...] = Field(("*",), description="Request headers a browser may send.")
     max_age_s: int = Field(600, ge=0, description="How long a browser may cache a preflight answer.")
-
-
 
 
 class FusionConfig(_Strict):

@@ -1,54 +1,50 @@
-"""The request pipeline shared by /v1/chat/completions and /v1/completions.
+"""The request pipeline shared by /v1/chat/completions and /v1/completions (and /v1/responses on top).
 
-resolve the model (route, pin) -> cache lookup -> forward to the expert (fallback when it is down)
--> answer (JSON, or SSE passed through chunk by chunk) -> cache the complete answer.
+resolve the model (``gateway.resolution``) -> cache lookup -> forward to the expert (fallback when it
+is down) -> answer (JSON, or SSE relayed chunk by chunk, ``gateway.relay``) -> cache the complete
+answer (``gateway.answers``). The per-expert guards (slots, breaker, time limits, failure accounting)
+live on ``ExpertHandle``.
+
+Who is at fault decides what a failure counts against: an upstream 4xx or an in-process failure on
+this request is the request's (the client's answer; the breaker does not move), anything that says
+the expert is unreachable, slow or broken is the expert's (breaker, fallback, metrics). An exception
+inside an expert never reaches the client as text: it is logged with the request id, and the client
+gets a generic OpenAI-shaped error.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import orjson
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive
 
+from gateway.answers import Assembler, replay_json, replay_stream, replayable
 from gateway.auth import key_id
-from gateway.cache import Cache, Lookup, cache_key, is_deterministic
+from gateway.cache import Cache, cache_key, is_deterministic
 from gateway.config import GatewayConfig
-from gateway.errors import OpenAIError, bad_request, cannot_honour, model_not_found, overloaded
+from gateway.errors import OpenAIError, bad_request, cannot_honour, overloaded
 from gateway.experts import Endpoint, ExpertHandle, UpstreamError
-from gateway.fusion import (
-    FusionHooks,
-    FusionInputError,
-    FusionRefused,
-    fingerprints,
-    fused_stream,
-    unfusable_reason,
-    unfusable_request,
-)
+from gateway.experts.wire import is_response
+from gateway.fusion import FusionHooks, FusionInputError, FusionRefused, fused_stream
 from gateway.metrics import Metrics
-from gateway.routing import Decision, RoutingService
+from gateway.relay import SSE_HEADERS, ClientGone, EventStream, sse, unless_client_leaves, visible
+from gateway.resolution import Resolver
+from gateway.routing import RoutingService
 from gateway.shutdown import Shutdown
 from router_model import Message
 
+__all__ = ["SSE_HEADERS", "Call", "Pipeline", "error_response", "new_request_id"]
+
 log = logging.getLogger("octoroute.request")
-Mode = Literal["single", "pinned", "fusion"]
 FUSION_DEFAULT_MAX_TOKENS = 256  # each fused token costs a round of expert calls: bound what nobody asked for
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The client disconnected before the answer was ready."""
+DONE = b"data: [DONE]\n\n"
 
 
 @dataclass
@@ -66,7 +62,7 @@ class Call:
     receive: Receive | None = None  # the ASGI receive channel, to notice a client that hangs up
     started: float = field(default_factory=time.perf_counter)
     headers: dict[str, str] = field(default_factory=dict)
-    label: str | None = None  # the endpoint in metrics when it is not ``endpoint`` (/v1/responses: "responses")
+    label: str | None = None  # the endpoint as metrics name it, when not ``endpoint`` (e.g. "responses")
 
 
 # Values that ask for nothing: a backend that lacks a feature can still accept these.
@@ -74,9 +70,9 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "top_k": (-1, 0), "repetition_penalty": (1,), "response_format": ({"type": "text"},), "n": (1,)}
 
 
-def _asks_for(body: dict[str, Any], field: str) -> bool:
-    value = body.get(field)
-    return value not in (None, False, 0, [], {}) and value not in _NEUTRAL.get(field, ())
+def _asks_for(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    return value not in (None, False, 0, [], {}) and value not in _NEUTRAL.get(name, ())
 
 
 def _json_response(content: dict[str, Any], headers: dict[str, str], status: int = 200) -> Response:
@@ -87,104 +83,19 @@ def error_response(err: OpenAIError, headers: dict[str, str] | None = None) -> R
     return _json_response(err.body(), {**(headers or {}), **err.headers}, err.status)
 
 
-class Assembler:
-    """Rebuilds the non-streaming response from streamed chunks (every choice, by index), for the cache and metrics."""
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
-        self.parts: dict[int, list[str]] = defaultdict(list)
-        self.finish_reasons: dict[int, str] = {}
-        self.usage: dict[str, Any] | None = None
-        self.head: dict[str, Any] = {}
-        self.cacheable = True
-
-    def add(self, chunk: dict[str, Any]) -> None:
-        if not self.head:
-            self.head = {k: chunk.get(k) for k in ("id", "created", "model")}
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            parts = self.parts[int(choice.get("index") or 0)]
-            if self.endpoint == "chat":
-                delta = choice.get("delta") or {}
-                if delta.get("tool_calls") or choice.get("logprobs"):
-                    self.cacheable = False
-                if delta.get("content"):
-                    parts.append(delta["content"])
-            else:
-                if choice.get("logprobs"):
-                    self.cacheable = False
-                if choice.get("text"):
-                    parts.append(choice["text"])
-            if choice.get("finish_reason"):
-                self.finish_reasons[int(choice.get("index") or 0)] = choice["finish_reason"]
-
-    @property
-    def complete(self) -> bool:
-        """Every choice seen ended normally (stop or length): an answer worth caching."""
-        seen = set(self.parts) | set(self.finish_reasons)
-        return bool(seen) and all(self.finish_reasons.get(i) in ("stop", "length") for i in seen)
-
-    def response(self) -> dict[str, Any]:
-        choices: list[dict[str, Any]] = []
-        for index in sorted(set(self.parts) | set(self.finish_reasons)):
-            text, finish = "".join(self.parts[index]), self.finish_reasons.get(index)
-            if self.endpoint == "chat":
-                choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": finish})
-            else:
-                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish})
-        obj = "chat.completion" if self.endpoint == "chat" else "text_completion"
-        return {**self.head, "object": obj, "choices": choices, "usage": self.usage}
-
-
-def replayable(endpoint: Endpoint, result: dict[str, Any]) -> bool:
-    """Whether ``replay_stream`` rebuilds ``result`` exactly: text only (no tool calls, no logprobs), every
-    choice finished. Only such answers are cached, so a hit serves a stream and a JSON answer alike."""
-    choices = result.get("choices") or []
-    for choice in choices:
-        if choice.get("finish_reason") not in ("stop", "length") or choice.get("logprobs"):
-            return False
-        if endpoint == "chat" and any(v for k, v in (choice.get("message") or {}).items()
-                                      if k not in ("role", "content")):
-            return False
-    return bool(choices)
-
-
-def replay_stream(endpoint: Endpoint, cached: dict[str, Any], include_usage: bool) -> bytes:
-    """A cached complete answer as a proper SSE stream: per choice a content chunk and a finish chunk, then
-    usage, then [DONE]."""
-    base = {"id": cached.get("id"), "created": cached.get("created"), "model": cached.get("model")}
-    obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
-    chunks: list[dict[str, Any]] = []
-    for choice in cached["choices"]:
-        index, finish = choice.get("index", 0), choice.get("finish_reason")
-        if endpoint == "chat":
-            content = (choice.get("message") or {}).get("content") or ""
-            first = {"index": index, "delta": {"role": "assistant", "content": content}, "logprobs": None,
-                     "finish_reason": None}
-            last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}
-        else:
-            first = {"index": index, "text": choice.get("text") or "", "logprobs": None, "finish_reason": None}
-            last = {"index": index, "text": "", "logprobs": None, "finish_reason": finish}
-        chunks += [{**base, "object": obj, "choices": [first]}, {**base, "object": obj, "choices": [last]}]
-    if include_usage and cached.get("usage"):
-        chunks.append({**base, "object": obj, "choices": [], "usage": cached["usage"]})
-    return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
-
-
-@dataclass(frozen=True)
-class Route:
-    """Who answers: one expert (routed or pinned), or several fused at every decoding step."""
-
-    handle: ExpertHandle  # the expert that answers, or the most probable of the fused set
-    mode: Mode
-    decision: Decision | None
-    fused: tuple[tuple[ExpertHandle, float], ...] = ()  # (expert, router probability) when mode == "fusion"
-
-    @property
-    def handles(self) -> list[ExpertHandle]:
-        return [h for h, _ in self.fused] if self.fused else [self.handle]
+def client_error(err: UpstreamError) -> OpenAIError:
+    """What the client sees of an expert failure: an upstream 4xx as the upstream said it, else the
+    gateway's own message (never an exception's text) with code ``upstream_<kind>``."""
+    if err.kind == "http_4xx" and err.body is not None:
+        inner = err.body.get("error")
+        obj: dict[str, Any] = inner if isinstance(inner, dict) else {}
+        return OpenAIError(err.status, str(obj.get("message", err)), str(obj.get("type", "invalid_request_error")),
+                           obj.get("param"), obj.get("code"))
+    message = str(err)
+    if err.kind == "internal":
+        message += "; the request id (x-request-id) identifies it in the gateway's logs"
+    code = "upstream_connect" if err.kind.startswith("connect") else f"upstream_{err.kind}"  # cause: in the message
+    return OpenAIError(err.status, message, "timeout_error" if err.kind == "timeout" else "server_error", None, code)
 
 
 class Pipeline:
@@ -192,84 +103,24 @@ class Pipeline:
                  cache: Cache, metrics: Metrics, shutdown: Shutdown) -> None:
         self.config = config
         self.shutdown = shutdown
-        self.routing = routing
         self.experts = experts
         self.cache = cache
         self.metrics = metrics
-        self.fusion_available = False  # set at start-up: do at least two experts share a tokenizer?
-        self.vocabularies: dict[str, str | None] = {}  # expert -> tokenizer fingerprint (None: cannot fuse)
+        self.resolver = Resolver(config, routing, experts, metrics)
         self.fusion_hooks = FusionHooks(on_step=self._on_fusion_step, on_drop=self._on_fusion_drop)
 
     async def detect_fusion(self, timeout_s: float = 10.0) -> None:
-        """Fusion is offered (``model: "fusion"`` in /v1/models) when two experts share a vocabulary."""
-        if not self.config.fusion.enabled:
-            return
-        try:
-            async with asyncio.timeout(timeout_s):
-                prints = await fingerprints([h.expert for h in self.experts.values()])
-        except TimeoutError:
-            log.warning("fusion: experts' vocabularies not readable within %.0fs; fusion stays off", timeout_s)
-            return
-        self.vocabularies = prints
-        known = [p for p in prints.values() if p is not None]
-        self.fusion_available = len(known) > len(set(known))
+        await self.resolver.detect_fusion(timeout_s)
+
+    def model_names(self) -> list[str]:
+        return self.resolver.model_names()
 
     def _on_fusion_step(self, mode: str, seconds: float) -> None:
         self.metrics.fusion_steps.labels(mode).inc()
         self.metrics.fusion_step_seconds.observe(seconds)
 
     def _on_fusion_drop(self, name: str, err: UpstreamError) -> None:
-        self.metrics.upstream_errors.labels(name, err.kind).inc()
-        self.experts[name].breaker.record_failure()
-
-    # -- model resolution -------------------------------------------------------------------------
-    def model_names(self) -> list[str]:
-        return ["auto", *self.experts, *(["fusion"] if self.fusion_available else [])]
-
-    async def resolve(self, call: Call) -> Route:
-        if call.model in ("auto", "fusion") and (call.model == "auto" or self.fusion_available):
-            if not call.messages:  # a token-id prompt carries no text to route on
-                name = self.config.default_expert or next(iter(self.experts))
-                return Route(self.experts[name], "single", None)
-            decision = await self.routing.decide(call.messages)
-            self.metrics.routing_seconds.observe(decision.route_ms / 1000)
-            self.metrics.router_confidence.observe(decision.confidence)
-            top = Route(self.experts[decision.experts[0]], "single", decision)
-            explicit = call.model == "fusion"
-            auto_fuse = len(decision.experts) > 1 and self.config.fusion.auto
-            if self.fusion_available and (explicit or auto_fuse):
-                refused = None if explicit else unfusable_request(call.endpoint, call.body)
-                if refused is not None:  # the client did not ask for fusion: answer alone rather than fail
-                    call.headers["x-octoroute-fusion-refused"] = refused[:200]
-                    return top
-                return await self._fusion_route(call, decision, explicit) or top
-            return top
-        handle = self.experts.get(call.model)
-        if handle is None:
-            raise model_not_found(call.model, self.model_names())
-        return Route(handle, "pinned", None)
-
-    async def _fusion_route(self, call: Call, decision: Decision, explicit: bool) -> Route | None:
-        """The experts to fuse (most probable first, breakers closed), or None to answer from one expert."""
-        names = list(decision.experts)
-        if explicit and len(names) < 2:  # the client asked for fusion: fuse at least the top two
-            names = sorted(decision.probs, key=decision.probs.__getitem__, reverse=True)[:2]
-        members = tuple((self.experts[n], decision.probs[n]) for n in names if self.experts[n].breaker.allow())
-        if len(members) < 2:
-            return None
-        names = [h.name for h, _ in members] + [h.name for h in self._bases()]
-        reason = unfusable_reason({n: self.vocabularies.get(n) for n in names})
-        if reason is not None:
-            log.warning("fusion refused: %s", reason, extra={"request_id": call.request_id})
-            call.headers["x-octoroute-fusion-refused"] = reason[:200]
-            return None
-        return Route(members[0][0], "fusion", decision, members)
-
-    def _bases(self) -> list[ExpertHandle]:
-        cfg = self.config.fusion
-        if cfg.mode != "dlf" or not cfg.large_base or not cfg.small_base:
-            return []
-        return [self.experts[cfg.large_base], self.experts[cfg.small_base]]
+        self.experts[name].failed(err)
 
     # -- entry point ----------------------------------------------------------------------------
     async def serve(self, call: Call) -> Response:
@@ -278,7 +129,7 @@ class Pipeline:
         expert_label = "none"
         status = 500
         try:
-            route = await self.resolve(call)
+            route = await self.resolver.resolve(call)
             expert_label = "fusion" if route.fused else route.handle.name
             headers["x-octoroute-expert"] = expert_label
             decision = route.decision
@@ -306,8 +157,9 @@ class Pipeline:
 
     def _finish(self, call: Call, expert: str, status: int) -> None:
         elapsed = time.perf_counter() - call.started
-        self.metrics.requests.labels(expert, call.model, call.label or call.endpoint, str(status)).inc()
-        self.metrics.request_seconds.labels(expert, call.label or call.endpoint).observe(elapsed)
+        endpoint = call.label or call.endpoint
+        self.metrics.requests.labels(expert, call.model, endpoint, str(status)).inc()
+        self.metrics.request_seconds.labels(expert, endpoint).observe(elapsed)
         log.info("request", extra={"request_id": call.request_id, "key_id": key_id(call.api_key),
                                    "model": call.model, "expert": expert, "status": status,
                                    "stream": call.stream, "ms": round(elapsed * 1000, 2),
@@ -321,32 +173,38 @@ class Pipeline:
         namespace = "shared" if cfg.shared else key_id(call.api_key)
         return cache_key(cfg.key_prefix, namespace, call.endpoint, expert, call.body)
 
-    async def _lookup(self, key: str | None) -> tuple[Lookup, dict[str, Any] | None]:
+    async def _cached(self, call: Call, key: str | None, expert: str) -> Response | None:
+        """The cached answer as this request's response (new id, current time), or None to ask the expert.
+        An entry is served only if it is a complete response of this endpoint that a replay rebuilds."""
         if key is None:
-            return "bypass", None
-        result, value = await self.cache.get(key)
-        self.metrics.cache.labels(result).inc()
-        return result, value
-
-    def _cached_response(self, call: Call, cached: dict[str, Any], expert: str) -> Response:
+            call.headers["x-octoroute-cache"] = "bypass"
+            return None
+        endpoint = call.endpoint
+        lookup, cached = await self.cache.get(key, lambda v: is_response(endpoint, v) and replayable(endpoint, v))
+        self.metrics.cache.labels(lookup).inc()
+        call.headers["x-octoroute-cache"] = lookup
+        if cached is None:
+            return None
         if call.stream:
             self._finish(call, expert, 200)
             # The whole SSE stream in one body: a complete, well-formed stream at the cost of one write.
-            return Response(replay_stream(call.endpoint, cached, call.include_usage),
-                            media_type="text/event-stream", headers={**call.headers, **SSE_HEADERS})
-        return _json_response(cached, call.headers)
+            return Response(replay_stream(endpoint, cached, call.include_usage), media_type="text/event-stream",
+                            headers={**call.headers, **SSE_HEADERS})
+        return _json_response(replay_json(endpoint, cached), call.headers)
 
-    async def _store(self, key: str | None, value: dict[str, Any]) -> None:
-        if key is not None and await self.cache.set(key, value):
+    async def _store(self, key: str | None, endpoint: Endpoint, value: dict[str, Any]) -> None:
+        if key is not None and replayable(endpoint, value) and await self.cache.set(key, value):
             self.metrics.cache.labels("store").inc()
 
-    # -- answering ------------------------------------------------------------------------------
+    # -- guards ---------------------------------------------------------------------------------
     def _pick(self, handle: ExpertHandle) -> ExpertHandle:
-        """The expert that will really answer: the chosen one, or the fallback while it is open."""
+        """The expert that will really answer: the chosen one, or the fallback while it is open. A full
+        expert is refused (429) before its breaker is asked, so a refused request never holds a probe."""
+        self._refuse_if_saturated(handle)
         if handle.breaker.allow():
             return handle
         fallback = self._fallback_for(handle)
-        if fallback is not None and fallback.breaker.allow():
+        if fallback is not None and not fallback.saturated and fallback.breaker.allow():
             self.metrics.fallbacks.labels(handle.name).inc()
             return fallback
         self.metrics.rejected.labels("breaker_open").inc()
@@ -359,6 +217,25 @@ class Pipeline:
             return None
         return self.experts[name]
 
+    def _refuse_if_saturated(self, handle: ExpertHandle) -> None:
+        """429 instead of queueing without bound."""
+        if handle.saturated:
+            self.metrics.rejected.labels("expert_saturated").inc()
+            raise overloaded(f"expert {handle.name!r} is at its concurrency limit "
+                             f"({handle.config.max_concurrency}); retry shortly")
+
+    def _failed(self, call: Call, handle: ExpertHandle, err: UpstreamError) -> None:
+        handle.failed(err)
+        if err.kind == "internal":
+            log.error("expert %s failed on a request", handle.name, exc_info=err.__cause__ or err,
+                      extra={"request_id": call.request_id})
+
+    def _count_tokens(self, expert: str, usage: dict[str, Any] | None) -> None:
+        if usage:
+            self.metrics.tokens.labels(expert, "prompt").inc(usage.get("prompt_tokens") or 0)
+            self.metrics.tokens.labels(expert, "completion").inc(usage.get("completion_tokens") or 0)
+
+    # -- answering ------------------------------------------------------------------------------
     def _upstream_body(self, call: Call, handle: ExpertHandle) -> dict[str, Any]:
         body = dict(call.body)
         body["model"] = handle.config.served_model
@@ -368,11 +245,9 @@ class Pipeline:
 
     async def _answer(self, call: Call, chosen: ExpertHandle) -> Response:
         key = self._cache_key(call, chosen.name)
-        lookup, cached = await self._lookup(key)
-        call.headers["x-octoroute-cache"] = lookup
+        cached = await self._cached(call, key, chosen.name)
         if cached is not None:
-            return self._cached_response(call, cached, chosen.name)
-
+            return cached
         handle = self._pick(chosen)
         attempts = [handle]
         fallback = self._fallback_for(handle)
@@ -380,9 +255,8 @@ class Pipeline:
             attempts.append(fallback)
         last_error: UpstreamError | None = None
         for i, target in enumerate(attempts):
-            if i and not target.breaker.allow():
+            if i and (target.saturated or not target.breaker.allow()):
                 break
-            self._refuse_if_saturated(target)
             if target is not chosen:
                 call.headers["x-octoroute-expert"] = target.name
                 call.headers["x-octoroute-fallback-from"] = chosen.name
@@ -392,7 +266,7 @@ class Pipeline:
                 return await self._generate(call, target, key if target is chosen else None)
             except UpstreamError as err:
                 last_error = err
-                if err.kind == "http_4xx" or not err.before_first_byte:
+                if not err.expert_fault or not err.before_first_byte:
                     break
                 if i + 1 < len(attempts):
                     self.metrics.fallbacks.labels(target.name).inc()
@@ -400,42 +274,15 @@ class Pipeline:
                                 target.name, err.kind, attempts[i + 1].name,
                                 extra={"request_id": call.request_id})
         assert last_error is not None
-        if last_error.body is not None and last_error.kind == "http_4xx":
-            inner = last_error.body.get("error")
-            err_obj: dict[str, Any] = inner if isinstance(inner, dict) else {}
-            raise OpenAIError(last_error.status, str(err_obj.get("message", last_error)),
-                              str(err_obj.get("type", "invalid_request_error")), err_obj.get("param"),
-                              err_obj.get("code"))
-        raise OpenAIError(last_error.status, str(last_error),
-                          "timeout_error" if last_error.kind == "timeout" else "server_error",
-                          None, f"upstream_{last_error.kind}")
-
-    def _refuse_if_saturated(self, handle: ExpertHandle) -> None:
-        """429 instead of queueing without bound."""
-        if handle.saturated:
-            self.metrics.rejected.labels("expert_saturated").inc()
-            raise overloaded(f"expert {handle.name!r} is at its concurrency limit "
-                             f"({handle.config.max_concurrency}); retry shortly")
-
-    def _record_failure(self, handle: ExpertHandle, err: UpstreamError) -> None:
-        self.metrics.upstream_errors.labels(handle.name, err.kind).inc()
-        if err.kind != "http_4xx":
-            handle.breaker.record_failure()
-        else:
-            handle.breaker.record_success()  # the expert answered; the request was bad
-
-    def _count_tokens(self, expert: str, usage: dict[str, Any] | None) -> None:
-        if usage:
-            self.metrics.tokens.labels(expert, "prompt").inc(usage.get("prompt_tokens") or 0)
-            self.metrics.tokens.labels(expert, "completion").inc(usage.get("completion_tokens") or 0)
+        raise client_error(last_error)
 
     async def _generate(self, call: Call, handle: ExpertHandle, key: str | None) -> Response:
         handle.acquire()
         try:
-            result = await self._unless_client_leaves(
-                call, handle.expert.generate(call.endpoint, self._upstream_body(call, handle)))
+            result = await unless_client_leaves(call.receive,
+                                                handle.generate(call.endpoint, self._upstream_body(call, handle)))
         except UpstreamError as err:
-            self._record_failure(handle, err)
+            self._failed(call, handle, err)
             raise
         except ClientGone:
             handle.breaker.release_probe()
@@ -444,129 +291,96 @@ class Pipeline:
             handle.release()
         handle.breaker.record_success()
         self._count_tokens(handle.name, result.get("usage"))
-        if replayable(call.endpoint, result):
-            await self._store(key, result)
+        await self._store(key, call.endpoint, result)
         return _json_response(result, call.headers)
 
-    @staticmethod
-    async def _unless_client_leaves(call: Call, work: Awaitable[T]) -> T:
-        """Await ``work``, cancelling it (and so the upstream request) if the client disconnects first."""
-        if call.receive is None:
-            return await work
-        receive = call.receive
-
-        async def hang_up() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        task = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(hang_up())
-        try:
-            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # we were cancelled (drain deadline, server stop): so is the upstream call
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise
-        finally:
-            watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise ClientGone
-        return task.result()
-
     async def _stream(self, call: Call, handle: ExpertHandle, key: str | None) -> Response:
-        """Prime the upstream stream (so errors before the first byte can fall back), then pass it on."""
+        """Prime the upstream stream (so errors before the first byte can fall back), then pass it on.
+        A healthy first chunk is the expert's verdict: a half-open breaker closes here."""
         handle.acquire()
-        upstream = handle.expert.stream(call.endpoint, self._upstream_body(call, handle))
-
-        async def prime() -> bytes | None:
-            try:
-                return await anext(upstream)
-            except StopAsyncIteration:
-                return None
-
+        upstream = handle.stream(call.endpoint, self._upstream_body(call, handle))
         try:
             # Watch the client while the expert is silent: one that leaves before the first token must
             # free the expert at once (cancelling the upstream call), not when the first token comes.
-            first = await self._unless_client_leaves(call, prime())
+            first = await unless_client_leaves(call.receive, anext(upstream, None))
         except BaseException as exc:
             handle.release()
+            await upstream.aclose()  # type: ignore[attr-defined]
             if isinstance(exc, UpstreamError):
-                self._record_failure(handle, exc)
+                self._failed(call, handle, exc)
                 raise
             handle.breaker.release_probe()
             if isinstance(exc, ClientGone):
-                await upstream.aclose()  # type: ignore[attr-defined]
                 return Response(status_code=499)
             raise
+        handle.breaker.record_success()
         self.metrics.ttft_seconds.labels(handle.name).observe(time.perf_counter() - call.started)
-        return StreamingResponse(self._relay(call, handle, upstream, first, key),
-                                 media_type="text/event-stream", headers={**call.headers, **SSE_HEADERS})
+        return self._event_stream(call, handle.name, upstream, first, key, handle.release,
+                                  lambda err: self._failed(call, handle, err))
 
-    async def _relay(self, call: Call, handle: ExpertHandle, upstream: AsyncIterator[bytes],
-                     first: bytes | None, key: str | None) -> AsyncIterator[bytes]:
+    def _event_stream(self, call: Call, expert: str, upstream: AsyncIterator[dict[str, Any]],
+                      first: dict[str, Any] | None, key: str | None, release: Callable[[], None],
+                      on_failure: Callable[[UpstreamError], None]) -> EventStream:
+        stalled: list[bool] = []
+        body = self._relay(call, expert, upstream, first, key, release, on_failure, stalled)
+        return EventStream(body, call.headers, self.config.server.slow_reader_s,
+                           on_stalled=lambda: stalled.append(True))
+
+    async def _relay(self, call: Call, expert: str, upstream: AsyncIterator[dict[str, Any]],
+                     first: dict[str, Any] | None, key: str | None, release: Callable[[], None],
+                     on_failure: Callable[[UpstreamError], None], stalled: list[bool]) -> AsyncIterator[bytes]:
+        """Pass chunks on as SSE (what the client asked to see), end with ``[DONE]`` or an error event;
+        then free the expert(s), count, and cache the complete answer."""
         assembler = Assembler(call.endpoint)
         status = 200
         completed = False
         try:
-            pending = first
-            while pending is not None:
-                chunk = orjson.loads(pending)
-                if "error" in chunk:  # an upstream error event: pass it on and close
-                    status = 502
-                    self.metrics.upstream_errors.labels(handle.name, "stream_error").inc()
-                    yield b"data: " + pending + b"\n\n"
-                    return
+            chunk = first
+            while chunk is not None:
                 assembler.add(chunk)
-                if chunk.get("choices") or call.include_usage:
-                    yield b"data: " + pending + b"\n\n"
-                pending = await self.shutdown.before_deadline(anext(upstream, None))
+                shown = visible(chunk, call.include_usage)
+                if shown is not None:
+                    yield sse(shown)
+                chunk = await self.shutdown.before_deadline(anext(upstream, None))
             completed = True
-            handle.breaker.record_success()
-            yield b"data: [DONE]\n\n"
+            yield DONE
         except OpenAIError as err:  # the drain deadline passed
             status = err.status
-            handle.breaker.release_probe()
             yield err.sse_event()
         except UpstreamError as err:
             status = err.status
-            self._record_failure(handle, err)
-            yield OpenAIError(err.status, str(err), "server_error", None, f"upstream_{err.kind}").sse_event()
-        except orjson.JSONDecodeError:
-            status = 502
-            malformed = UpstreamError("protocol", f"expert {handle.name} sent a malformed chunk", 502)
-            self._record_failure(handle, malformed)
-            yield OpenAIError(502, str(malformed), "server_error", None, "upstream_protocol").sse_event()
+            on_failure(err)
+            yield client_error(err).sse_event()
         finally:
             if not completed and status == 200:
-                status = 499  # the client went away
-                handle.breaker.release_probe()
+                status = 499  # the client went away, or stopped reading
+                if stalled:
+                    log.warning("client stopped reading for %ss; stream cut, expert slot freed",
+                                self.config.server.slow_reader_s, extra={"request_id": call.request_id})
             await upstream.aclose()  # type: ignore[attr-defined]
-            handle.release()
-            self._count_tokens(handle.name, assembler.usage)
-            self._finish(call, handle.name, status)
+            release()
+            self._count_tokens(expert, assembler.usage)
+            self._finish(call, expert, status)
         if completed and assembler.cacheable and assembler.complete:
-            await self._store(key, assembler.response())
-
+            await self._store(key, call.endpoint, assembler.response())
 
     # -- fusion ---------------------------------------------------------------------------------
     async def _answer_fused(self, call: Call, members: tuple[tuple[ExpertHandle, float], ...]) -> Response:
         """Fuse the members' next-token distributions at every step; streams like a single expert."""
         names = [h.name for h, _ in members]
         key = self._cache_key(call, f"fusion[{self.config.fusion.mode}]:" + "+".join(names))
-        lookup, cached = await self._lookup(key)
-        call.headers["x-octoroute-cache"] = lookup
+        cached = await self._cached(call, key, "fusion")
         if cached is not None:
-            return self._cached_response(call, cached, "fusion")
+            return cached
         for handle, _ in members:
             self._refuse_if_saturated(handle)
         body = {**call.body, "model": "fusion"}
         if not any(k in body for k in ("max_tokens", "max_completion_tokens")):
             body["max_tokens"] = FUSION_DEFAULT_MAX_TOKENS
-        bases = self._bases()
-        chunks = fused_stream([(h.expert, w) for h, w in members], call.endpoint, body, config=self.config.fusion,
-                              bases=(bases[0].expert, bases[1].expert) if bases else None, hooks=self.fusion_hooks)
+        bases = self.resolver.bases()
+        chunks = _standard(fused_stream([(h.expert, w) for h, w in members], call.endpoint, body,
+                                        config=self.config.fusion, hooks=self.fusion_hooks,
+                                        bases=(bases[0].expert, bases[1].expert) if bases else None))
         for handle, _ in members:
             handle.acquire()
         released = False
@@ -579,7 +393,7 @@ class Pipeline:
                     handle.release()
 
         try:
-            first = await self._unless_client_leaves(call, anext(chunks))
+            first = await unless_client_leaves(call.receive, anext(chunks))
         except ClientGone:
             release()
             await chunks.aclose()  # type: ignore[attr-defined]
@@ -595,7 +409,7 @@ class Pipeline:
             raise bad_request(str(exc), param=exc.param) from None
         except UpstreamError as err:
             release()
-            raise OpenAIError(err.status, str(err), "server_error", None, f"upstream_{err.kind}") from None
+            raise client_error(err) from None
         except BaseException:
             release()
             raise
@@ -606,45 +420,26 @@ class Pipeline:
                 async for chunk in chunks:
                     assembler.add(chunk)
             except UpstreamError as err:
-                raise OpenAIError(err.status, str(err), "server_error", None, f"upstream_{err.kind}") from None
+                raise client_error(err) from None
             finally:
                 release()
-            result = {**assembler.response(), "octoroute_fusion": first.get("octoroute_fusion")}
+            result = assembler.response()
             self._count_tokens("fusion", assembler.usage)
             if assembler.complete:
-                await self._store(key, result)
+                await self._store(key, call.endpoint, result)
             return _json_response(result, call.headers)
-        return StreamingResponse(self._relay_fused(call, chunks, first, key, release),
-                                 media_type="text/event-stream", headers={**call.headers, **SSE_HEADERS})
+        return self._event_stream(call, "fusion", chunks, first, key, release, lambda err: None)
 
-    async def _relay_fused(self, call: Call, chunks: AsyncIterator[dict[str, Any]], first: dict[str, Any],
-                           key: str | None, release: Any) -> AsyncIterator[bytes]:
-        assembler = Assembler(call.endpoint)
-        status, completed = 200, False
-        try:
-            chunk: dict[str, Any] | None = first
-            while chunk is not None:
-                assembler.add(chunk)
-                if chunk.get("choices") or call.include_usage:
-                    yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-                chunk = await self.shutdown.before_deadline(anext(chunks, None))
-            completed = True
-            yield b"data: [DONE]\n\n"
-        except OpenAIError as err:  # the drain deadline passed
-            status = err.status
-            yield err.sse_event()
-        except UpstreamError as err:
-            status = err.status
-            yield OpenAIError(err.status, str(err), "server_error", None, f"upstream_{err.kind}").sse_event()
-        finally:
-            if not completed and status == 200:
-                status = 499
-            await chunks.aclose()  # type: ignore[attr-defined]
-            release()
-            self._count_tokens("fusion", assembler.usage)
-            self._finish(call, "fusion", status)
-        if completed and assembler.cacheable and assembler.complete:
-            await self._store(key, assembler.response())
+
+async def _standard(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """Fused chunks without the decoder's own ``octoroute_fusion`` bookkeeping key: only fields of the
+    OpenAI API reach the client (which experts were fused is in the ``x-octoroute-fused`` header)."""
+    try:
+        async for chunk in chunks:
+            chunk.pop("octoroute_fusion", None)
+            yield chunk
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 def new_request_id(incoming: str | None) -> str:

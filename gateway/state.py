@@ -12,12 +12,14 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.auth import Authenticator, RateLimiter, key_id
-from gateway.cache import Cache, RedisCache, build_cache
+from gateway.auth import Authenticator, key_id
+from gateway.backoff import BACKOFF_S, Backoff
+from gateway.cache import Cache, build_cache
 from gateway.config import ConfigError, GatewayConfig
 from gateway.errors import bad_request
 from gateway.experts import Expert, ExpertHandle, build_expert
 from gateway.metrics import Metrics
+from gateway.ratelimit import RateLimiter
 from gateway.routing import RoutingService
 from gateway.serving import Pipeline
 from gateway.shutdown import Shutdown
@@ -75,12 +77,14 @@ class State:
         handles = {e.name: ExpertHandle.create(experts[e.name], e, metrics) for e in config.experts}
         routing = RoutingService(active, config)
         await routing.start()
-        cache = build_cache(config.cache, on_error=lambda: metrics.cache.labels("error").inc())
+        redis_backoff = Backoff(BACKOFF_S, on_error=lambda: metrics.cache.labels("error").inc())
+        cache = build_cache(config.cache, redis_backoff)
         limiter = None
         if config.auth.rate_limit_per_minute:
             limiter = RateLimiter(config.auth.rate_limit_per_minute,
-                                  cache.client if isinstance(cache, RedisCache) else None,
-                                  config.cache.key_prefix, config.cache.timeout_ms / 1000)
+                                  config.cache.url if config.cache.backend == "redis" else None,
+                                  config.cache.key_prefix, config.cache.timeout_ms / 1000, redis_backoff,
+                                  config.auth.rate_limit_outage)
         shutdown = Shutdown()
         pipeline = Pipeline(config, routing, handles, cache, metrics, shutdown)
         await pipeline.detect_fusion()

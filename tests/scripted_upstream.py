@@ -8,9 +8,16 @@ user text (finish_reason ``tool_calls``); after the tool result, the answer is `
 Test endpoints:
 
 - ``POST /_control`` ``{"mode": ..., ...}`` sets the behaviour of the following requests:
-  ``ok`` | ``fail`` (HTTP ``status``, default 500) | ``slow_first`` (sleep ``delay_s`` before headers)
-  | ``slow_chunks`` (sleep ``delay_s`` between chunks) | ``die_after`` (drop the connection after
-  ``chunks`` chunks); ``fail_times`` limits ``fail`` to the next N requests.
+  ``ok`` | ``fail`` (HTTP ``status``, default 500, after ``delay_s``) | ``slow_first`` (sleep ``delay_s``
+  before headers) | ``slow_chunks`` (sleep ``delay_s`` between chunks) | ``die_after`` (drop the connection after
+  ``chunks`` chunks) | ``keepalive`` (after the first chunk, only ``: keep-alive`` comments every
+  ``delay_s``) | ``inject`` (after ``after`` good chunks, the raw SSE data ``payload``; non-streamed:
+  ``payload`` as the whole 200 body) | ``big`` (``chunks`` chunks of ``size`` characters, as fast as the
+  client takes them) | ``rich`` (the answer also carries the ``fields`` listed: ``reasoning_content``,
+  ``tool_calls``, ``logprobs``, ``refusal``, streamed and not, consistently); ``fail_times`` limits
+  ``fail`` to the next N requests. ``framing`` (any mode) lists how events are written: ``crlf`` or ``cr``
+  line ends, ``comments`` between events, ``nospace`` after ``data:``, ``multiline`` data, ``fields``
+  (``event:``/``id:``/``retry:`` lines) - all valid per the WHATWG event-stream format.
 - ``GET /_stats``: counts of requests, completed streams, and streams the client cancelled.
 
 Raw ASGI, no framework: it doubles as the fast upstream of the gateway benchmark.
@@ -81,6 +88,72 @@ class Scripted:
         limit = req.get("max_tokens") or 10_000
         return [w if i == 0 else " " + w for i, w in enumerate(words)][:limit]
 
+    def _frame(self, data: bytes) -> bytes:
+        """One SSE event carrying ``data``, written in the ``framing`` forms asked for."""
+        framing = set(self.control.get("framing") or ())
+        cut = data.find(b',"') + 1  # between two members, where the joining newline is JSON whitespace
+        lines = [data[:cut], data[cut:]] if "multiline" in framing and cut else [data]
+        sep = b"data:" if "nospace" in framing else b"data: "
+        out = [b"event: message", b"id: 7", b"retry: 1000"] if "fields" in framing else []
+        out += [sep + line for line in lines]
+        eol = b"\r\n" if "crlf" in framing else b"\r" if "cr" in framing else b"\n"
+        event = eol.join(out) + eol + eol
+        return (b": comment" + eol + event) if "comments" in framing else event
+
+    def _rich(self, chat: bool, words: list[str], finish: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(streamed choices, non-streamed choice) of an answer carrying the ``fields`` asked for."""
+        fields = set(self.control.get("fields") or ())
+        pieces: list[dict[str, Any]] = []
+        if "reasoning_content" in fields:
+            pieces += [{"reasoning_content": "Let me "}, {"reasoning_content": "think."}]
+        if "refusal" in fields:
+            pieces += [{"refusal": "I cannot "}, {"refusal": "help with that."}]
+        else:
+            pieces += [{"content": w} for w in words]
+        if "tool_calls" in fields:
+            finish = "tool_calls"
+            pieces += [{"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                        "function": {"name": "lookup", "arguments": ""}}]},
+                       {"tool_calls": [{"index": 0, "function": {"arguments": '{"q": '}}]},
+                       {"tool_calls": [{"index": 0, "function": {"arguments": '"x"}'}}]}]
+        streamed: list[dict[str, Any]] = []
+        for i, delta in enumerate(pieces):
+            text = delta.get("content") or ""
+            lp: dict[str, Any] | None = None
+            if "logprobs" in fields and "content" in delta:
+                lp = ({"content": [{"token": text, "logprob": -0.25 * i, "bytes": list(text.encode()),
+                                    "top_logprobs": [{"token": text, "logprob": -0.25 * i, "bytes": None}]}],
+                       "refusal": None} if chat else
+                      {"tokens": [text], "token_logprobs": [-0.25 * i], "top_logprobs": [{text: -0.25 * i}],
+                       "text_offset": [i]})
+            choice: dict[str, Any] = ({"index": 0, "delta": {**({"role": "assistant"} if i == 0 else {}), **delta}}
+                                      if chat else {"index": 0, "text": text})
+            streamed.append(choice | {"logprobs": lp, "finish_reason": None})
+        message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
+        logprobs: dict[str, list[Any]] = {}
+        calls: dict[str, Any] = {}
+        for choice in streamed:
+            delta = choice.get("delta") or {"content": choice.get("text")}
+            for key in ("content", "reasoning_content", "refusal"):
+                if key in delta:
+                    message[key] = (message.get(key) or "") + delta[key]
+            for call in delta.get("tool_calls") or ():
+                calls |= {k: call[k] for k in ("id", "type") if call.get(k)}
+                fn = call.get("function") or {}
+                calls["name"] = fn.get("name") or calls.get("name")
+                calls["arguments"] = calls.get("arguments", "") + (fn.get("arguments") or "")
+            for key, value in (choice.get("logprobs") or {}).items():
+                if isinstance(value, list):
+                    logprobs[key] = logprobs.get(key, []) + value
+        if calls:
+            message["tool_calls"] = [{"id": calls["id"], "type": calls["type"],
+                                      "function": {"name": calls["name"], "arguments": calls["arguments"]}}]
+        if chat and "logprobs" in fields:
+            logprobs["refusal"] = None  # type: ignore[assignment]
+        body: dict[str, Any] = {"message": message} if chat else {"text": message["content"] or ""}
+        whole = {"index": 0, **body, "logprobs": logprobs or None, "finish_reason": finish}
+        return streamed, whole
+
     async def _complete(self, chat: bool, req: dict[str, Any], receive: Any, send: Any) -> None:
         mode = self.control.get("mode", "ok")
         if mode == "fail":
@@ -89,6 +162,7 @@ class Scripted:
                 if times is not None:
                     self.control["fail_times"] = times - 1
                 self.stats["failed"] += 1
+                await asyncio.sleep(float(self.control.get("delay_s", 0)))  # a slow failure
                 status = int(self.control.get("status", 500))
                 return await self._json(send, {"error": {"message": f"scripted {status}", "type": "server_error",
                                                          "param": None, "code": None}}, status)
@@ -97,13 +171,24 @@ class Scripted:
         if chat and req.get("tools") and req["messages"][-1]["role"] != "tool":
             return await self._call_tool(req, send)
         words = self._words(chat, req)
+        if mode == "big":
+            words = ["x" * int(self.control.get("size", 65536))] * int(self.control.get("chunks", 300))
         finish = "length" if req.get("max_tokens") and len(words) >= req["max_tokens"] else "stop"
         usage = {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}
         rid, created = f"cmpl-{self.stats['requests']}", int(time.time())
+        rich = self._rich(chat, words, finish) if mode == "rich" else None
+        if rich is not None:
+            finish = rich[1]["finish_reason"]
         if not req.get("stream"):
-            if chat:
-                choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": "".join(words)},
-                                          "logprobs": None, "finish_reason": finish}
+            if mode == "inject":
+                self.stats["completed"] += 1
+                await send({"type": "http.response.start", "status": 200, "headers": JSONH})
+                return await send({"type": "http.response.body", "body": str(self.control["payload"]).encode()})
+            if rich is not None:
+                choice: dict[str, Any] = rich[1]
+            elif chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": "".join(words)},
+                          "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": "".join(words), "logprobs": None, "finish_reason": finish}
             self.stats["completed"] += 1
@@ -120,23 +205,32 @@ class Scripted:
 
         watcher = asyncio.create_task(watch())
         obj = "chat.completion.chunk" if chat else "text_completion"
+        choices = rich[0] if rich is not None else [
+            {"index": 0, "delta": {**({"role": "assistant"} if i == 0 else {}), "content": word}} if chat
+            else {"index": 0, "text": word} for i, word in enumerate(words)]
         try:
-            for i, word in enumerate(words):
+            for i, choice in enumerate(choices):
                 if disconnected.is_set():
                     self.stats["cancelled"] += 1
                     return
                 if mode == "die_after" and i >= int(self.control.get("chunks", 1)):
                     raise ConnectionAbortedError("scripted death mid-stream")
-                if chat:
-                    delta: dict[str, Any] = {"content": word}
-                    if i == 0:
-                        delta["role"] = "assistant"
-                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-                else:
-                    choice = {"index": 0, "text": word, "logprobs": None, "finish_reason": None}
+                if mode == "inject" and i == int(self.control.get("after", 1)):
+                    data = str(self.control["payload"]).encode()
+                    await send({"type": "http.response.body", "body": self._frame(data), "more_body": True})
+                    await disconnected.wait()
+                    return
+                choice = {"logprobs": None, "finish_reason": None, **choice}
                 chunk = {"id": rid, "object": obj, "created": created, "model": self.name, "choices": [choice]}
-                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
+                await send({"type": "http.response.body", "body": self._frame(orjson.dumps(chunk)),
                             "more_body": True})
+                if mode == "keepalive" and i == 0:
+                    while not disconnected.is_set():
+                        await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(disconnected.wait(), float(self.control.get("delay_s", 0.2)))
+                    self.stats["cancelled"] += 1
+                    return
                 if mode == "slow_chunks":
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(disconnected.wait(), float(self.control.get("delay_s", 1)))
@@ -146,7 +240,7 @@ class Scripted:
             if (req.get("stream_options") or {}).get("include_usage"):
                 tail.append({"id": rid, "object": obj, "created": created, "model": self.name, "choices": [],
                              "usage": usage})
-            payload = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in tail) + b"data: [DONE]\n\n"
+            payload = b"".join(self._frame(orjson.dumps(c)) for c in tail) + self._frame(b"[DONE]")
             await send({"type": "http.response.body", "body": payload, "more_body": False})
             self.stats["completed"] += 1
         finally:

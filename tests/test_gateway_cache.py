@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +48,10 @@ def _sse_text(r: httpx.Response) -> tuple[str, list[str]]:
     return text, lines
 
 
+def _without_identity(response: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in response.items() if k not in ("id", "created")}
+
+
 @pytest.fixture(params=["memory", "redis"])
 def cache_cfg(request: pytest.FixtureRequest, redis_prefix: str) -> dict[str, Any]:
     return {"backend": request.param, "url": REDIS_URL, "key_prefix": redis_prefix}
@@ -59,7 +64,10 @@ def test_hit_after_miss(upstream: Upstream, cache_cfg: dict[str, Any]) -> None:
         second = _chat(url)
         assert first.headers["x-octoroute-cache"] == "miss"
         assert second.headers["x-octoroute-cache"] == "hit"
-        assert first.json() == second.json()
+        answer, hit = first.json(), second.json()
+        assert hit["id"] != answer["id"] and hit["id"].startswith("chatcmpl-")  # a response of its own ...
+        assert answer["created"] <= hit["created"] <= time.time() + 1
+        assert _without_identity(hit) == _without_identity(answer)  # ... carrying the cached answer
         assert upstream.stats()["requests"] == before + 1
         metrics = httpx.get(f"{url}/metrics").text
         assert 'octoroute_cache_total{result="hit"} 1.0' in metrics
@@ -77,10 +85,16 @@ def test_streaming_hit_is_a_proper_sse_stream(upstream: Upstream, cache_cfg: dic
         assert text_hit == text_miss == "general: name three colours"
         assert lines[-1] == "data: [DONE]"
         assert '"usage"' in lines[-2]
+        # a response of its own: one new id on every chunk, the current time (streamed hits replayed both)
+        miss_ids = {orjson.loads(line[6:])["id"] for line in _sse_text(miss)[1][:-1]}
+        hit_chunks = [orjson.loads(line[6:]) for line in lines[:-1]]
+        assert len({c["id"] for c in hit_chunks}) == 1 and not {c["id"] for c in hit_chunks} & miss_ids
+        assert all(abs(c["created"] - time.time()) < 5 for c in hit_chunks)
         # the streamed answer also serves a non-streaming request
         plain = _chat(url)
         assert plain.headers["x-octoroute-cache"] == "hit"
         assert plain.json()["choices"][0]["message"]["content"] == text_miss
+        assert plain.json()["id"] not in miss_ids | {c["id"] for c in hit_chunks}
 
 
 def test_sampling_requests_bypass(upstream: Upstream, cache_cfg: dict[str, Any]) -> None:
@@ -176,7 +190,7 @@ async def test_memory_cache_is_bounded_in_entries_and_bytes() -> None:
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_a_cached_answer_with_several_choices_replays_as_the_same_stream(endpoint: Endpoint) -> None:
-    from gateway.serving import Assembler, replay_stream
+    from gateway.answers import Assembler, replay_stream
 
     def piece(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
         if endpoint == "chat":
@@ -198,24 +212,102 @@ def test_a_cached_answer_with_several_choices_replays_as_the_same_stream(endpoin
     assert events[-2:] == [b"data: [DONE]", b""]
     for event in events[:-2]:
         again.add(orjson.loads(event[len(b"data: "):]))
-    assert again.response() == answer
+    assert _without_identity(again.response()) == _without_identity(answer)
     unfinished = Assembler(endpoint)
     unfinished.add(streamed[0])
     assert not unfinished.complete
 
 
-def test_only_answers_a_stream_replay_can_rebuild_are_cacheable() -> None:
-    from gateway.serving import replayable
+def test_only_answers_a_replay_rebuilds_field_for_field_are_cacheable() -> None:
+    """Every field the API reference lists replays (tool calls, logprobs, reasoning, refusal); an answer with
+    any other non-null field, or one that did not finish, is not cached (a replay would silently lose it)."""
+    from gateway.answers import replayable
 
     def chat(**message: Any) -> dict[str, Any]:
         return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi", **message},
                              "logprobs": None, "finish_reason": "stop"}]}
 
     assert replayable("chat", chat()) and replayable("chat", chat(tool_calls=[], refusal=None))
-    assert not replayable("chat", chat(tool_calls=[{"id": "c", "type": "function"}]))
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    assert replayable("chat", chat(tool_calls=[call], reasoning_content="because", refusal="no"))
     logprobs = chat()
-    logprobs["choices"][0]["logprobs"] = {"content": [{"token": "hi", "logprob": -0.1}]}
-    assert not replayable("chat", logprobs)
+    logprobs["choices"][0]["logprobs"] = {"content": [{"token": "hi", "logprob": -0.1}], "refusal": None}
+    assert replayable("chat", logprobs)
+    assert not replayable("chat", chat(audio={"id": "a"})) and not replayable("chat", chat(annotations=[{}]))
+    assert not replayable("chat", chat(tool_calls=[{**call, "extra": 1}]))
+    odd = chat()
+    odd["choices"][0]["logprobs"] = {"content": "not a list"}
+    assert not replayable("chat", odd)
+    unknown_top = {**chat(), "prompt_filter_results": [{"x": 1}]}
+    assert not replayable("chat", unknown_top)
     cut = chat()
     cut["choices"][0]["finish_reason"] = None
     assert not replayable("chat", cut) and not replayable("chat", {"choices": []})
+
+
+@pytest.fixture(scope="module")
+def rich_upstream() -> Iterator[Upstream]:
+    with scripted_upstream("general") as up:
+        yield up
+
+
+def _client_view(r: httpx.Response, endpoint: Endpoint, stream: bool) -> dict[str, Any]:
+    """Every field a client reads of choice 0, a stream assembled the way the openai SDK does (text joined,
+    tool calls merged by index, logprobs lists joined); independent of the gateway's own Assembler."""
+    assert r.status_code == 200, r.text
+    keys = ("content", "reasoning_content", "refusal", "tool_calls") if endpoint == "chat" else ("text",)
+    if not stream:
+        choice = r.json()["choices"][0]
+        source = choice["message"] if endpoint == "chat" else choice
+        return {**{k: source.get(k) for k in keys}, "logprobs": choice.get("logprobs"),
+                "finish_reason": choice["finish_reason"]}
+    view: dict[str, Any] = {k: None for k in keys} | {"logprobs": None, "finish_reason": None}
+    calls: dict[int, dict[str, Any]] = {}
+    events = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        for choice in orjson.loads(event)["choices"]:
+            delta = choice.get("delta") or {"text": choice.get("text")}
+            for k in keys[:3] if endpoint == "chat" else keys:
+                if isinstance(delta.get(k), str):
+                    view[k] = (view[k] or "") + delta[k]
+            for call in delta.get("tool_calls") or ():
+                into = calls.setdefault(call["index"], {"function": {"arguments": ""}})
+                into |= {k: call[k] for k in ("id", "type") if call.get(k)}
+                into["function"]["name"] = (call.get("function") or {}).get("name") or into["function"].get("name")
+                into["function"]["arguments"] += (call.get("function") or {}).get("arguments") or ""
+            for k, v in (choice.get("logprobs") or {}).items():
+                view["logprobs"] = view["logprobs"] or {}
+                view["logprobs"][k] = (view["logprobs"].get(k) or []) + v if isinstance(v, list) else \
+                    view["logprobs"].get(k)
+            view["finish_reason"] = choice.get("finish_reason") or view["finish_reason"]
+    if calls:
+        view["tool_calls"] = [c for _, c in sorted(calls.items())]
+    return view
+
+
+@pytest.mark.parametrize(("endpoint", "field"), [("chat", "reasoning_content"), ("chat", "tool_calls"),
+                                                 ("chat", "logprobs"), ("chat", "refusal"),
+                                                 ("completions", "logprobs")])
+def test_a_cache_hit_replays_every_field_streamed_or_not(rich_upstream: Upstream, endpoint: Endpoint,
+                                                         field: str) -> None:
+    """Hit after miss in all four directions (JSON/SSE miss, JSON/SSE hit): the client sees the same answer,
+    field for field, as on the miss, with its own id (a streamed reasoning answer used to lose its reasoning)."""
+    rich_upstream.control("rich", fields=[field])
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    with run_gateway(_config(rich_upstream, {"backend": "memory"}), router=KeywordRouter(["general"])) as url:
+        for n, (first, then) in enumerate([(False, False), (False, True), (True, True), (True, False)]):
+            text = f"case {n} of {field}"
+            body: dict[str, Any] = ({"messages": [{"role": "user", "content": text}]} if endpoint == "chat"
+                                    else {"prompt": text})
+
+            def ask(stream: bool, body: dict[str, Any] = body) -> httpx.Response:
+                return httpx.post(f"{url}{path}", timeout=10,
+                                  json={"model": "auto", "temperature": 0, "stream": stream, **body})
+
+            miss, hit = ask(first), ask(then)
+            assert (miss.headers["x-octoroute-cache"], hit.headers["x-octoroute-cache"]) == ("miss", "hit")
+            seen = _client_view(miss, endpoint, first)
+            assert seen[field] not in (None, "", []), seen  # the upstream really sent the field
+            assert _client_view(hit, endpoint, then) == seen, (first, then)
+    rich_upstream.control("ok")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ def no_eos(expert: LocalExpert) -> dict[str, float]:
 
 
 async def chunks(expert: LocalExpert, endpoint: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
-    return [json.loads(c) async for c in expert.stream(endpoint, body)]
+    return [c async for c in expert.stream(endpoint, body)]
 
 
 async def test_greedy_is_deterministic_and_matches_uncached_argmax(expert: LocalExpert) -> None:
@@ -168,6 +167,39 @@ async def test_bad_requests_are_openai_400s(expert: LocalExpert) -> None:
     assert err.value.status == 400 and err.value.kind == "http_4xx"
     with pytest.raises(UpstreamError):
         await anext(expert.stream("chat", {"messages": MESSAGES, "n": 2}))
+
+
+@pytest.mark.parametrize(("endpoint", "body", "param"), [
+    ("completions", {"prompt": "", "max_tokens": 3}, "prompt"),  # was a raw torch error (500), a breaker failure
+    ("completions", {"prompt": "hi", "max_tokens": 3, "seed": 2**64}, "seed"),
+    ("chat", {"messages": MESSAGES, "max_tokens": 3, "seed": -(2**63) - 1}, "seed"),
+])
+async def test_input_the_model_cannot_take_is_a_400_naming_the_field(expert: LocalExpert, endpoint: Any,
+                                                                     body: dict[str, Any], param: str) -> None:
+    """Refused before the worker thread runs, as a client error (``http_4xx``: never counted against the expert)."""
+    for call in (expert.generate(endpoint, body), anext(expert.stream(endpoint, body))):
+        with pytest.raises(UpstreamError) as err:
+            await call
+        assert err.value.kind == "http_4xx" and err.value.status == 400 and not err.value.expert_fault
+        assert err.value.body and err.value.body["error"]["param"] == param
+        assert "torch" not in str(err.value).lower() and "overflow" not in str(err.value).lower()
+
+
+async def test_a_failure_inside_generation_reaches_the_client_without_its_text(expert: LocalExpert) -> None:
+    """An exception in the decode loop: a generic ``internal`` error (the cause is kept for the log), which is
+    not an expert fault, so it never opens the breaker."""
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("secret internals 0xdeadbeef")
+
+    original = expert._decode
+    expert._decode = explode  # type: ignore[method-assign]
+    try:
+        with pytest.raises(UpstreamError) as err:
+            await expert.generate("chat", {"messages": MESSAGES, "max_tokens": 2})
+    finally:
+        expert._decode = original  # type: ignore[method-assign]
+    assert err.value.kind == "internal" and not err.value.expert_fault
+    assert "0xdeadbeef" not in str(err.value) and "0xdeadbeef" in str(err.value.__cause__)
 
 
 async def test_aclose_ends_running_and_queued_generations(demo_experts_dir: Path) -> None:

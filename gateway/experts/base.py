@@ -1,14 +1,14 @@
 """The one interface every expert backend implements (``vllm`` over HTTP, ``local`` in-process).
 
 Bodies are OpenAI wire JSON as plain dicts, already validated at the edge and with ``model`` set
-to the expert's served model name. Streams yield one JSON chunk (bytes, no ``data: `` prefix,
-no ``[DONE]``) per SSE event, so the gateway can pass them through untouched.
+to the expert's served model name. Streams yield one chunk object per SSE event (no ``[DONE]``),
+already validated (``gateway.experts.wire``), so the gateway relays and caches them as they are.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 Endpoint = Literal["chat", "completions"]
@@ -21,14 +21,29 @@ class UpstreamError(Exception):
     def __init__(self, kind: str, message: str, status: int = 502, *, before_first_byte: bool = True,
                  body: JSON | None = None) -> None:
         super().__init__(message)
-        self.kind = kind  # connect | timeout | http_5xx | http_4xx | protocol | overloaded | internal
+        self.kind = kind  # a fixed set (a metric label): see EXPERT_FAULTS and CLIENT_FAULTS
         self.status = status
         self.before_first_byte = before_first_byte
         self.body = body  # an upstream 4xx error body to pass through verbatim
 
     @property
     def retryable(self) -> bool:
-        return self.before_first_byte and self.kind in {"connect", "http_5xx"}
+        """Worth another try on the same expert: it may answer next time (a DNS failure will not)."""
+        return self.before_first_byte and self.kind in {"connect", "connect_refused", "connect_timeout", "http_5xx"}
+
+    @property
+    def expert_fault(self) -> bool:
+        """Evidence that the expert is unhealthy (counts towards its breaker). Nothing the client controls
+        is: an upstream 4xx judged the request, and an in-process failure (``internal``) came from this
+        request's input, not from an expert that is down."""
+        return self.kind in EXPERT_FAULTS
+
+
+# Kinds that mean the expert is unreachable, slow or broken: they open the breaker and allow a fallback.
+EXPERT_FAULTS = frozenset({"connect", "connect_dns", "connect_refused", "connect_timeout", "timeout", "http_5xx",
+                           "protocol", "stream_error"})
+# Kinds caused by the request itself: the client's answer, never a breaker failure.
+CLIENT_FAULTS = frozenset({"http_4xx", "internal"})
 
 
 class Expert(ABC):
@@ -40,12 +55,14 @@ class Expert(ABC):
     unsupported: frozenset[str] = frozenset()
 
     @abstractmethod
-    async def generate(self, endpoint: Endpoint, body: JSON) -> JSON:
-        """Non-streaming request; returns the OpenAI response object."""
+    async def generate(self, endpoint: Endpoint, body: JSON, on_first_byte: Callable[[], None] | None = None) -> JSON:
+        """Non-streaming request; returns the OpenAI response object. ``on_first_byte`` is called once the
+        expert has shown it is answering (response headers; first token in-process): a half-open breaker
+        closes then, not when a long answer ends."""
 
     @abstractmethod
-    def stream(self, endpoint: Endpoint, body: JSON) -> AsyncIterator[bytes]:
-        """Streaming request; yields chunk JSON. Raises UpstreamError (before or mid-stream)."""
+    def stream(self, endpoint: Endpoint, body: JSON) -> AsyncIterator[JSON]:
+        """Streaming request; yields chunk objects. Raises UpstreamError (before or mid-stream)."""
 
     @abstractmethod
     async def healthy(self) -> bool:

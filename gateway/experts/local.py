@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import secrets
 import threading
 import time
@@ -26,6 +25,8 @@ from gateway.config import ExpertConfig
 from gateway.experts.base import JSON, Endpoint, Expert, UpstreamError
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (as vLLM does): logits / 1e-30 overflow to NaN
+SEEDS = range(-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 # from_pretrained is not thread-safe: loading several models at once from threads left one with an
 # untied, uninitialised lm_head (NaN logits, different answers to the same greedy request).
 _LOAD_LOCK = threading.Lock()  # the OpenAI (and vLLM) default for /v1/completions
@@ -157,7 +158,10 @@ class LocalExpert(Expert):
         if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
+            ids = list(self.tokenizer.encode(prompt))
+            if not ids:  # nothing to condition on (vLLM refuses it the same way)
+                raise _bad_request("prompt is empty; send at least one character (or token id)", "prompt")
+            return ids
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             if not all(0 <= t < len(self.tokenizer) for t in prompt):
                 raise _bad_request("prompt token id out of range", "prompt")
@@ -189,12 +193,15 @@ class LocalExpert(Expert):
                 if not (str(key).isdigit() and int(key) < len(bias)):
                     raise _bad_request(f"logit_bias token id {key} out of range", "logit_bias")
                 bias[int(key)] = float(value)
-        temperature, top_p = body.get("temperature"), body.get("top_p")
+        temperature, top_p, seed = body.get("temperature"), body.get("top_p"), body.get("seed")
+        if seed is not None and seed not in SEEDS:
+            raise _bad_request(f"seed must be between {SEEDS.start} and {SEEDS.stop - 1}", "seed")
+        temperature = 1.0 if temperature is None else float(temperature)
         return Sampling(
             max_tokens=room if asked is None else int(asked),
-            temperature=1.0 if temperature is None else float(temperature),
+            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
             top_p=1.0 if top_p is None else float(top_p),
-            seed=body.get("seed"),
+            seed=seed,
             stop=tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s),
             bias=bias,
         )
@@ -249,7 +256,12 @@ class LocalExpert(Expert):
     async def _pieces(self, endpoint: Endpoint, body: JSON, out: Outcome, usage: JSON,
                       before_first_byte: bool) -> AsyncGenerator[str, None]:
         """Run one generation in the worker thread and yield its text pieces. Closing this generator
-        (a client disconnect) sets the cancel flag the worker checks before every token."""
+        (a client disconnect) sets the cancel flag the worker checks before every token.
+
+        A request the model cannot serve is refused before the thread starts (400 naming the field). An
+        exception inside the decode loop becomes ``UpstreamError("internal")`` with a generic message:
+        its text (torch internals) stays in the logs (``__cause__``), never reaches the client, and it
+        does not count against the breaker (``UpstreamError.expert_fault``)."""
         if self._closing.is_set():
             raise UpstreamError("internal", f"expert {self.name} is shut down", 503)
         prompt_ids = self._prompt_ids(endpoint, body)
@@ -277,7 +289,7 @@ class LocalExpert(Expert):
             if isinstance(item, UpstreamError):
                 raise item
             if item is not None:
-                raise UpstreamError("internal", f"local generation failed: {item!r}", 500,
+                raise UpstreamError("internal", f"expert {self.name} failed on this request", 500,
                                     before_first_byte=before_first_byte) from item
         finally:
             cancel.set()
@@ -293,9 +305,16 @@ class LocalExpert(Expert):
         return {"id": prefix + secrets.token_hex(12), "object": obj, "created": int(time.time()),
                 "model": self.served_model}
 
-    async def generate(self, endpoint: Endpoint, body: JSON) -> JSON:
+    async def generate(self, endpoint: Endpoint, body: JSON, on_first_byte: Callable[[], None] | None = None) -> JSON:
         out, usage = Outcome(), {"prompt_tokens": 0}
-        text = "".join([s async for s in self._pieces(endpoint, body, out, usage, before_first_byte=True)])
+        pieces: list[str] = []
+        async for piece in self._pieces(endpoint, body, out, usage, before_first_byte=True):
+            if not pieces and on_first_byte is not None:
+                on_first_byte()
+            pieces.append(piece)
+        if not pieces and on_first_byte is not None:
+            on_first_byte()
+        text = "".join(pieces)
         if endpoint == "chat":
             choice: JSON = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
@@ -303,20 +322,20 @@ class LocalExpert(Expert):
         choice |= {"logprobs": None, "finish_reason": out.finish_reason}
         return self._envelope(endpoint, chunk=False) | {"choices": [choice], "usage": usage}
 
-    async def stream(self, endpoint: Endpoint, body: JSON) -> AsyncIterator[bytes]:
+    async def stream(self, endpoint: Endpoint, body: JSON) -> AsyncIterator[JSON]:
         out, usage = Outcome(), {"prompt_tokens": 0}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         pieces = self._pieces(endpoint, body, out, usage, before_first_byte=False)
-        head = self._envelope(endpoint, chunk=True) | ({"usage": None} if include_usage else {})
+        head = self._envelope(endpoint, chunk=True) | ({"usage": None} if include_usage else {})  # as OpenAI
 
-        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> bytes:
+        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> JSON:
             if endpoint == "chat":
                 delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
                 choice: JSON = {"index": 0, "delta": delta}
             else:
                 choice = {"index": 0, "text": text or ""}
             choice |= {"logprobs": None, "finish_reason": finish}
-            return json.dumps(head | {"choices": [choice]}, ensure_ascii=False).encode()
+            return head | {"choices": [choice]}
 
         try:
             first = await anext(pieces, None)  # request errors surface here, before any byte is sent
@@ -330,7 +349,7 @@ class LocalExpert(Expert):
             await pieces.aclose()
         yield chunk(None, out.finish_reason)
         if include_usage:
-            yield json.dumps(head | {"choices": [], "usage": usage}).encode()
+            yield head | {"choices": [], "usage": dict(usage)}
 
     async def healthy(self) -> bool:
         return not self._closing.is_set()

@@ -4,23 +4,34 @@ The client runs on aiohttp's connection pool (``httpx_aiohttp.AiohttpTransport``
 pool, 32 concurrent requests on a 2-core machine managed ~190 req/s; with this transport ~1,100
 (same probe, same run). The httpx API, exceptions and timeouts stay the same.
 
-Timeouts: connect, first byte (headers and the first streamed event), idle gap between events,
-and a total deadline. Retries only where safe: connect errors and 5xx answers before any byte
-reached the client. A client that leaves closes the generator, which closes the upstream stream.
+Streams are parsed by ``httpx-sse`` (a maintained parser of the WHATWG HTML "event stream"
+format: CRLF, CR or LF line ends, comments, ``data:`` with or without its space, multi-line data,
+``event``/``id``/``retry`` fields), and every payload is validated by ``gateway.experts.wire``.
+Comments and data-less events yield nothing, so they never count as progress for the idle timeout.
+
+Time limits (``timeouts``): here only the response headers of a non-streamed request are bounded,
+by ``first_byte_s`` across all retries; ``ExpertHandle`` bounds the first chunk, the gaps between
+chunks and the whole answer for every backend (see ``gateway.experts.deadlines``). Retries only where
+safe: connection failures (not DNS) and 5xx answers before any byte reached the client. A client that
+leaves closes the generator, which closes the upstream stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
+from httpx_sse import EventSource, SSEError
 
 from gateway.config import ExpertConfig
 from gateway.experts.base import JSON, Endpoint, Expert, UpstreamError
+from gateway.experts.wire import parse_chunk, parse_response
 
 PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completions": "/completions"}
 
@@ -40,18 +51,31 @@ def _error_from_response(status: int, content: bytes) -> UpstreamError:
     return UpstreamError("http_4xx", message, status, body=body if isinstance(body, dict) else None)
 
 
-def split_sse(buffer: bytearray) -> list[bytes]:
-    """Take complete ``data:`` payloads out of ``buffer`` (events end with a blank line)."""
-    out: list[bytes] = []
-    while True:
-        end = buffer.find(b"\n\n")
-        if end < 0:
-            return out
-        event = bytes(buffer[:end])
-        del buffer[: end + 2]
-        for line in event.split(b"\n"):
-            if line.startswith(b"data:"):
-                out.append(line[5:].strip())
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def connect_failure(name: str, base_url: str, exc: BaseException, connect_s: float) -> UpstreamError:
+    """Name the real cause of a failed connection. ``kind`` (a metric label, so a fixed set):
+    ``connect_dns`` (host name does not resolve), ``connect_refused`` (nothing listens there),
+    ``connect_timeout`` (no answer within ``connect_s``), ``connect`` (anything else: TLS, reset, ...)."""
+    where = urlsplit(base_url).netloc or base_url
+    chain = _causes(exc)
+    if any(isinstance(e, socket.gaierror) for e in chain):
+        return UpstreamError("connect_dns", f"cannot reach expert {name}: the host name in {where} does not "
+                             "resolve (DNS); check base_url", 502)
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return UpstreamError("connect_refused", f"cannot reach expert {name}: connection refused by {where} "
+                             "(is the server running on that port?)", 502)
+    if any(isinstance(e, TimeoutError | httpx.TimeoutException) for e in chain):
+        return UpstreamError("connect_timeout", f"cannot reach expert {name}: no connection to {where} within "
+                             f"{connect_s:g}s (timeouts.connect_s)", 502)
+    return UpstreamError("connect", f"cannot reach expert {name} at {where}: {type(chain[-1]).__name__}", 502)
 
 
 class VllmExpert(Expert):
@@ -72,13 +96,14 @@ class VllmExpert(Expert):
         self.client = httpx.AsyncClient(
             base_url=config.base_url or "",
             headers=headers,
+            # read: a backstop only; the deadlines in ExpertHandle are the tighter bounds
             timeout=httpx.Timeout(connect=t.connect_s, read=max(t.first_byte_s, t.idle_s), write=t.connect_s * 5,
                                   pool=t.connect_s),
             transport=transport or AiohttpTransport(limits=limits),
         )
 
     async def _send(self, endpoint: Endpoint, body: JSON) -> httpx.Response:
-        """POST with retries on connect errors and 5xx; returns a 2xx response (stream not yet read)."""
+        """POST with retries on connection errors and 5xx; returns a 2xx response (body not yet read)."""
         content = orjson.dumps(body)
         last: UpstreamError | None = None
         for attempt in range(self.config.retries + 1):
@@ -86,16 +111,16 @@ class VllmExpert(Expert):
                 await asyncio.sleep(min(0.05 * 2**attempt, 0.5))
             request = self.client.build_request("POST", PATHS[endpoint], content=content)
             try:
-                async with asyncio.timeout(self.config.timeouts.first_byte_s):
-                    response = await self.client.send(request, stream=True)
+                response = await self.client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                last = UpstreamError("connect", f"cannot reach expert {self.name}: {exc!r}", 502)
+                last = connect_failure(self.name, self.config.base_url or "", exc, self.config.timeouts.connect_s)
+                if last.kind == "connect_dns":
+                    raise last from None
                 continue
-            except (TimeoutError, httpx.ReadTimeout):
-                raise UpstreamError("timeout", f"expert {self.name} sent no response within "
-                                    f"{self.config.timeouts.first_byte_s:g}s", 504) from None
+            except httpx.ReadTimeout:
+                raise UpstreamError("timeout", f"expert {self.name} sent no response headers in time", 504) from None
             except httpx.HTTPError as exc:
-                raise UpstreamError("protocol", f"expert {self.name}: {exc!r}", 502) from exc
+                raise UpstreamError("protocol", f"expert {self.name}: {type(exc).__name__}", 502) from exc
             if response.status_code < 400:
                 return response
             try:
@@ -110,57 +135,49 @@ class VllmExpert(Expert):
         assert last is not None
         raise last
 
-    async def generate(self, endpoint: Endpoint, body: JSON) -> JSON:
-        response = await self._send(endpoint, body)
+    async def generate(self, endpoint: Endpoint, body: JSON, on_first_byte: Callable[[], None] | None = None) -> JSON:
+        first_byte_s = self.config.timeouts.first_byte_s
         try:
-            async with asyncio.timeout(self.config.timeouts.total_s):
-                content = await response.aread()
-        except (TimeoutError, httpx.ReadTimeout):
-            raise UpstreamError("timeout", f"expert {self.name} did not finish in time", 504) from None
+            async with asyncio.timeout(first_byte_s):  # headers, all retries included
+                response = await self._send(endpoint, body)
+        except TimeoutError:
+            raise UpstreamError("timeout", f"expert {self.name} sent no response within {first_byte_s:g}s "
+                                "(timeouts.first_byte_s)", 504) from None
+        if on_first_byte is not None:
+            on_first_byte()
+        try:
+            content = await response.aread()
         except httpx.HTTPError as exc:
-            raise UpstreamError("protocol", f"expert {self.name} broke off: {exc!r}", 502) from exc
+            raise UpstreamError("protocol", f"expert {self.name} broke off: {type(exc).__name__}", 502) from exc
         finally:
             await response.aclose()
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamError("protocol", f"expert {self.name} sent invalid JSON", 502) from exc
-        if not isinstance(data, dict):
-            raise UpstreamError("protocol", f"expert {self.name} sent a non-object response", 502)
-        return data
+        return parse_response(endpoint, self.name, content)
 
-    async def stream(self, endpoint: Endpoint, body: JSON) -> AsyncIterator[bytes]:
+    async def stream(self, endpoint: Endpoint, body: JSON) -> AsyncIterator[JSON]:
         response = await self._send(endpoint, body)
-        t = self.config.timeouts
-        buffer = bytearray()
         first = True
-        chunks = response.aiter_raw()
+        events = EventSource(response).aiter_sse()
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(t.first_byte_s if first else t.idle_s):
-                        raw = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                except (TimeoutError, httpx.ReadTimeout):
-                    gap = "first token" if first else "next chunk"
-                    raise UpstreamError("timeout", f"expert {self.name}: no {gap} within "
-                                        f"{t.first_byte_s if first else t.idle_s:g}s", 504,
-                                        before_first_byte=first) from None
-                except httpx.HTTPError as exc:
-                    raise UpstreamError("protocol", f"expert {self.name} broke off mid-stream: {exc!r}", 502,
-                                        before_first_byte=first) from exc
-                buffer += raw
-                for payload in split_sse(buffer):
-                    if payload == b"[DONE]":
+            try:
+                async for event in events:
+                    if not event.data or event.event != "message":
+                        continue  # WHATWG: no data, no event; named events are not OpenAI chunks
+                    if event.data == "[DONE]":
                         return
+                    chunk = parse_chunk(endpoint, self.name, event.data, before_first_byte=first)
                     first = False
-                    yield payload
+                    yield chunk
+            except SSEError as exc:
+                raise UpstreamError("protocol", f"expert {self.name}: {exc}", 502, before_first_byte=first) from None
+            except httpx.HTTPError as exc:
+                raise UpstreamError("protocol", f"expert {self.name} broke off mid-stream: {type(exc).__name__}",
+                                    502, before_first_byte=first) from exc
             if first:
                 raise UpstreamError("protocol", f"expert {self.name} closed the stream without data", 502)
             raise UpstreamError("protocol", f"expert {self.name} closed the stream before [DONE]", 502,
                                 before_first_byte=False)
         finally:
+            await events.aclose()
             await response.aclose()
 
     async def healthy(self) -> bool:

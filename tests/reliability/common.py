@@ -95,7 +95,7 @@ def assert_complete_stream(raw: str | bytes) -> str:
 
     Returns the streamed text (chat deltas or completion text)."""
     events = sse_events(raw)
-    assert events and events[-1] == b"[DONE]", f"stream does not end with [DONE]: {bytes(raw[-300:])!r}"
+    assert events and events[-1] == b"[DONE]", f"stream does not end with [DONE]: {raw[-300:]!r}"
     assert b"[DONE]" not in events[:-1]
     text, finishes = "", []
     for payload in events[:-1]:

@@ -75,7 +75,7 @@ def test_killed_expert_breaker_fallback_and_recovery(pair: tuple[Upstream, Upstr
         assert r.headers["x-octoroute-expert"] == "general" and r.headers["x-octoroute-fallback-from"] == "math"
         text = scrape(url)
         assert metric(text, "octoroute_breaker_open", expert="math") == 1.0
-        assert metric(text, "octoroute_upstream_errors_total", expert="math", kind="connect") == 1.0
+        assert metric(text, "octoroute_upstream_errors_total", expert="math", kind="connect_refused") == 1.0
         assert metric(text, "octoroute_upstream_errors_total", expert="math", kind="protocol") == 1.0
 
         # 3. while open, math is not even tried: streams and plain requests go straight to general

@@ -6,6 +6,7 @@ back, no answer may ever be served for the wrong request, and a damaged entry is
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -17,11 +18,13 @@ import httpx
 import orjson
 import pytest
 
+from gateway.ratelimit import RateLimiter
 from router_model import KeywordRouter
 from tests.harness import Upstream, run_gateway, scripted_upstream, vllm_expert_config
 from tests.reliability.common import (
     RedisServer,
     assert_complete_stream,
+    assert_openai_error,
     metric,
     poll,
     private_redis,
@@ -241,15 +244,55 @@ def test_damaged_entry_is_never_served(upstream: Upstream, rds: RedisServer, dam
             "general: name colour number 1"
 
 
-def test_wrong_redis_type_at_the_key_is_a_bypass_not_an_error(upstream: Upstream, rds: RedisServer) -> None:
+def test_wrong_redis_type_at_the_key_is_deleted_and_caching_goes_on(upstream: Upstream, rds: RedisServer) -> None:
+    """A key of the wrong type is one bad entry, not a Redis outage: it is deleted (a miss, stored again) and
+    nobody else's lookups are bypassed (no back-off, no error counted)."""
     with run_gateway(_config(upstream, rds), router=KeywordRouter(["general"])) as url:
         _ask(url, 2, stream=False)
         key = _only_entry(rds)
         client = rds.client()
         client.delete(key)
         client.rpush(key, b"not a string")
+        assert _ask(url, 2, stream=False)[0] == "miss"
+        assert client.type(key) == b"string"  # replaced by the fresh answer
+        assert _ask(url, 2, stream=True)[0] == "hit"
+        assert [_ask(url, 5, stream=False)[0] for _ in range(2)] == ["miss", "hit"]  # other keys unaffected
+        assert metric(scrape(url), "octoroute_cache_total", result="error") == 0
+
+
+FORGED = {
+    "empty object": {},
+    "no choices": {"id": "x", "object": "chat.completion", "created": 1, "model": "m"},
+    "choices a string": {"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": "hi"},
+    "another request's answer, unfinished": {
+        "id": "x", "object": "chat.completion", "created": 1, "model": "m", "usage": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "planted"}, "finish_reason": None}]},
+}
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["plain-sha256", "valid-hmac"])
+@pytest.mark.parametrize("forged", list(FORGED), ids=list(FORGED))
+def test_forged_entries_are_deleted_never_served(upstream: Upstream, rds: RedisServer, monkeypatch: pytest.MonkeyPatch,
+                                                 forged: str, signed: bool) -> None:
+    """An entry planted by whoever can write to Redis: sealed with the old plain SHA-256 checksum (refused by
+    the HMAC), or even with the real secret but the wrong shape (refused by the shape check). Either way it
+    is deleted and the request is answered by the expert."""
+    import hashlib
+    import hmac
+
+    monkeypatch.setenv("OCTOROUTE_CACHE_SECRET", "rel-secret")
+    with run_gateway(_config(upstream, rds), router=KeywordRouter(["general"])) as url:
+        assert _ask(url, 4, stream=False)[0] == "miss"
+        key = _only_entry(rds)
+        payload = orjson.dumps(FORGED[forged])
+        mac = (hmac.new(b"rel-secret", payload, hashlib.sha256).hexdigest() if signed
+               else hashlib.sha256(payload).hexdigest()[:16])
+        rds.client().set(key, mac.encode() + b"|" + payload)
         for stream in (False, True):
-            assert _ask(url, 2, stream=stream)[0] in ("bypass", "miss")
+            header, _ = _ask(url, 4, stream=stream)  # checks the answer is this prompt's
+            assert header == "miss" if not stream else header == "hit"  # the forged entry was replaced
+        assert orjson.loads(rds.client().get(key).partition(b"|")[2])["choices"][0]["message"]["content"] == \
+            "general: name colour number 4"
 
 
 @pytest.mark.parametrize("how", ["killed", "paused"])
@@ -278,3 +321,72 @@ def test_rate_limiter_survives_redis_outage_without_stalling(upstream: Upstream,
         if how == "killed":
             rds.start()
         poll(lambda: _ask(url, 3, stream=False, headers=headers)[0] == "hit", 10, "cache back after outage")
+
+
+# -- the rate limiter (gateway/ratelimit.py) ------------------------------------------------------------
+
+KEY = {"authorization": "Bearer rl-key"}
+
+
+def _hello(url: str, i: int) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", headers=KEY, timeout=15,
+                      json={"model": "auto", "messages": [{"role": "user", "content": f"hello {i}"}]})
+
+
+def test_a_stalled_redis_costs_one_deadline_per_backoff_not_one_per_request(
+        upstream: Upstream, rds: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis paused for 4 s: the first request waits out the 250 ms deadline, the following ones skip Redis for
+    the back-off (cache and limiter alike). Before, every request waited the deadline (12 x 250 ms)."""
+    monkeypatch.setenv("RL_KEYS", "rl-key")
+    cfg = _config(upstream, rds, 250, api_keys_env="RL_KEYS", rate_limit_per_minute=10_000)
+    with run_gateway(cfg, router=KeywordRouter(["general"])) as url:
+        assert _hello(url, 0).status_code == 200
+        rds.client().execute_command("CLIENT", "PAUSE", "4000", "ALL")
+        started = time.monotonic()
+        statuses = [_hello(url, i).status_code for i in range(12)]
+        took = time.monotonic() - started
+    assert statuses == [200] * 12
+    assert took < 1.6, f"12 requests took {took:.2f}s during a Redis stall (the deadline is 0.25 s per call)"
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+def test_outage_policy_open_counts_locally_closed_refuses(upstream: Upstream, rds: RedisServer,
+                                                        monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
+    monkeypatch.setenv("RL_KEYS", "rl-key")
+    cfg = _config(upstream, rds, 100, api_keys_env="RL_KEYS", rate_limit_per_minute=3,
+                  rate_limit_outage=policy)
+    with run_gateway(cfg, router=KeywordRouter(["general"])) as url:
+        assert _hello(url, 0).status_code == 200
+        rds.kill()
+        answers = [_hello(url, i) for i in range(1, 5)]
+    if policy == "closed":
+        assert {r.status_code for r in answers} == {503}
+        assert assert_openai_error(answers[0].json())["code"] == "service_unavailable"
+        assert int(answers[0].headers["retry-after"]) >= 1
+    else:  # counted in process from the outage on: 3 more pass, the 4th is over the limit
+        assert [r.status_code for r in answers] == [200, 200, 200, 429]
+        assert assert_openai_error(answers[-1].json())["code"] == "rate_limit_exceeded"
+
+
+def test_the_window_moves_no_double_burst_at_a_minute_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 requests at 12:00:59 and 20 more at 12:01:00.2: a fixed per-minute window admitted all 40 (2x the
+    limit within 1.2 s); any 60 s may hold at most 20."""
+    now = [1_800_000_000.0 + 59.0]  # 59 s into a minute
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    limiter = RateLimiter(20)
+
+    async def burst() -> int:
+        admitted = 0
+        for _ in range(20):
+            try:
+                await limiter.hit("k")
+                admitted += 1
+            except Exception as exc:
+                assert getattr(exc, "status", None) == 429
+        return admitted
+
+    assert asyncio.run(burst()) == 20
+    now[0] += 1.2
+    assert asyncio.run(burst()) == 0
+    now[0] += 60
+    assert asyncio.run(burst()) == 20
