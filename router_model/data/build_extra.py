@@ -505,7 +505,7 @@ def agieval_general(mirror: Mirror, rng: random.Random) -> list[Row]:
                 continue
             tail = f"{question}\n{opts}"
             text = with_context(passage, tail) if passage else cap(tail)
-            rows.append(Row(text, "general", f"agieval_en/{task}", "MIT"))
+            rows.append(Row(text, "general", f"agieval/{task}", "MIT"))
             kept += 1
             if kept >= limit:
                 break
