@@ -31,7 +31,8 @@ from gateway.endpoints.responses.protocol import (
 )
 from gateway.endpoints.responses.store import ResponseStore
 from gateway.errors import OpenAIError, bad_request
-from gateway.serving import SSE_HEADERS, Call
+from gateway.relay import EventStream
+from gateway.serving import Call
 from gateway.state import State
 
 log = logging.getLogger("octoroute.responses")
@@ -119,8 +120,9 @@ class ResponsesService:
             return Response(orjson.dumps(response.model_dump(mode="json")), headers=headers,
                             media_type="application/json")
         response = translate.skeleton(req, response_id, req.model)
-        return StreamingResponse(self._events(answer, turn, response), media_type="text/event-stream",
-                                 headers={**headers, **SSE_HEADERS})
+        # The pipeline's slow-reader bound holds here too: a stalled write closes this stream and so the relay.
+        return EventStream(self._events(answer, turn, response), headers, self.state.config.server.slow_reader_s,
+                           on_stalled=getattr(answer, "on_stalled", None))
 
     async def _events(self, answer: Response, turn: Turn, response: ResponseObject) -> AsyncIterator[bytes]:
         """The pipeline's chat-completion SSE (relayed live, or a cached replay in one body) as Responses events."""
