@@ -536,24 +536,19 @@ def pubmedqa_general(mirror: Mirror, rng: random.Random) -> list[Row]:
 POLICY_REPO = "wasiahmad/PolicyQA"
 
 
-def policyqa_legal(mirror: Mirror, rng: random.Random) -> list[Row]:
-    """PolicyQA (MIT) questions about website privacy policies → legal; some with the policy passage."""
+def policyqa_legal(mirror: Mirror) -> list[Row]:
+    """PolicyQA (MIT) questions about website privacy policies → legal, without the policy passages.
+
+    The passages are OPP-115 policy segments (a research-only corpus that LegalBench's reserved `opp115_*`
+    tasks are also built from), so only the questions, written by PolicyQA's annotators, are used.
+    """
     rows: list[Row] = []
-    seen: set[str] = set()
     for split in ("dev", "test"):
         data = json.loads(mirror.show(POLICY_REPO, f"data/{split}.json"))["data"]
         for doc in data:
             for para in doc["paragraphs"]:
                 for qa in para["qas"]:
-                    q = clean(qa["question"])
-                    if norm(q) in seen:
-                        continue
-                    seen.add(norm(q))
-                    if rng.random() < 0.3:
-                        rows.append(Row(with_context(clean(para["context"]), q), "legal",
-                                        "policyqa/passage_question", "MIT"))
-                    else:
-                        rows.append(Row(q, "legal", "policyqa/question", "MIT"))
+                    rows.append(Row(clean(qa["question"]), "legal", "policyqa/question", "MIT"))
     return rows
 
 
@@ -947,7 +942,7 @@ def main() -> int:
     rows += coding_challenges(mirror)
     rows += agieval_general(mirror, rng_for("agieval_general"))
     rows += pubmedqa_general(mirror, rng_for("pubmedqa_general"))
-    rows += policyqa_legal(mirror, rng_for("policyqa_legal"))
+    rows += policyqa_legal(mirror)
     rows += lexam_legal(mirror)
     rows += sgd_finance_turns(mirror, rng_for("sgd_turns"), cap_n=1500)
     rows += mathematics_dataset(mirror, per_module=8, mc_per_module=4, seed=a.seed)
