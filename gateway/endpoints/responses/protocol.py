@@ -61,17 +61,21 @@ _PART_TAGS = {"input_text": "InputText", "output_text": "OutputText", "refusal":
 _ITEM_TAGS = {"message": "Message", "function_call": "FunctionCall", "function_call_output": "FunctionCallOutput"}
 
 
-def _part_type(value: Any) -> Any:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return _PART_TAGS.get(kind) if isinstance(kind, str) else None
+def _by_type(tags: dict[str, str], untyped: str | None, refusal: str) -> Discriminator:
+    """Pick a union branch by ``type`` (``untyped``: the type when it is left out); others get ``refusal``."""
+
+    def tag(value: Any) -> str | None:
+        kind = value.get("type", untyped) if isinstance(value, dict) else getattr(value, "type", None)
+        return tags.get(kind) if isinstance(kind, str) else None
+
+    return Discriminator(tag, custom_error_type="unsupported_type", custom_error_message=refusal)
 
 
 ContentPart = Annotated[
     Annotated[InputText, Tag("InputText")] | Annotated[OutputText, Tag("OutputText")]
     | Annotated[Refusal, Tag("Refusal")],
-    Discriminator(_part_type, custom_error_type="unsupported_content",
-                  custom_error_message="the experts read text only: content parts must be input_text, "
-                                       "output_text or refusal (no images, files or audio)")]
+    _by_type(_PART_TAGS, None, "the experts read text only: content parts must be input_text, output_text or "
+                               "refusal (no images, files or audio)")]
 
 
 class MessageItem(BaseModel):
@@ -117,17 +121,11 @@ class FunctionCallOutputItem(BaseModel):
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
 
 
-def _item_type(value: Any) -> Any:
-    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", None)
-    return _ITEM_TAGS.get(kind) if isinstance(kind, str) else None
-
-
 InputItem = Annotated[
     Annotated[MessageItem, Tag("Message")] | Annotated[FunctionCallItem, Tag("FunctionCall")]
     | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")],
-    Discriminator(_item_type, custom_error_type="unsupported_item",
-                  custom_error_message="input items must be message, function_call or function_call_output "
-                                       "(built-in tool calls, reasoning and item references are not supported)")]
+    _by_type(_ITEM_TAGS, "message", "input items must be message, function_call or function_call_output "
+                                    "(built-in tool calls, reasoning and item references are not supported)")]
 
 
 # -- tools and text format (function_tool.py, tool_choice_function.py, response_text_config.py) ------------
@@ -382,43 +380,43 @@ class OutputItemEvent(Event):
     item: OutputItem
 
 
-class ContentPartEvent(Event):
-    """response.content_part.added | response.content_part.done"""
+class ItemEvent(Event):
+    """An event about one output item."""
 
     item_id: str
     output_index: int
+
+
+class PartEvent(ItemEvent):
+    """An event about one content part of an output message."""
+
     content_index: int
+
+
+class ContentPartEvent(PartEvent):
+    """response.content_part.added | response.content_part.done"""
+
     part: OutputText
 
 
-class TextDeltaEvent(Event):
+class TextDeltaEvent(PartEvent):
     type: Literal["response.output_text.delta"] = "response.output_text.delta"
-    item_id: str
-    output_index: int
-    content_index: int
     delta: str
     logprobs: list[dict[str, Any]] = Field(default_factory=list)
 
 
-class TextDoneEvent(Event):
+class TextDoneEvent(PartEvent):
     type: Literal["response.output_text.done"] = "response.output_text.done"
-    item_id: str
-    output_index: int
-    content_index: int
     text: str
     logprobs: list[dict[str, Any]] = Field(default_factory=list)
 
 
-class ArgumentsDeltaEvent(Event):
+class ArgumentsDeltaEvent(ItemEvent):
     type: Literal["response.function_call_arguments.delta"] = "response.function_call_arguments.delta"
-    item_id: str
-    output_index: int
     delta: str
 
 
-class ArgumentsDoneEvent(Event):
+class ArgumentsDoneEvent(ItemEvent):
     type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
-    item_id: str
-    output_index: int
     name: str
     arguments: str
