@@ -118,8 +118,9 @@ class CacheConfig(_Strict):
     max_entry_bytes: int = Field(1_000_000, ge=1)
     max_entries: int = Field(10_000, ge=1, description="Memory backend: LRU capacity in entries.")
     max_bytes: int = Field(256 * 2**20, ge=1, description="Memory backend: LRU capacity in bytes.")
-    timeout_ms: int = Field(50, ge=1, description=(
-        "Redis operations slower than this are a bypass, then Redis is skipped for 1 s (docs/reliability.md)."))
+    timeout_ms: int = Field(250, ge=1, description=(
+        "Redis operations slower than this are a bypass, then Redis is skipped for 1 s (both chosen from "
+        "measurements: docs/reliability.md)."))
     secret_env: str | None = Field("OCTOROUTE_CACHE_SECRET", description=(
         "Env var with the key that seals entries (HMAC-SHA256); unset: a per-process random key."))
     deterministic_only: bool = Field(True, description="Cache only temperature 0 or seeded requests.")

@@ -1,0 +1,70 @@
+"""Measure how often a *healthy* Redis misses the cache's per-call deadline under load, per ``timeout_ms``.
+
+    python -m tests.reliability.redis_deadline [--seconds 10] [--clients 8] [--timeouts 50,100,250]
+
+A real gateway process (Redis cache, a private redis-server, one scripted upstream), ``--clients`` threads
+asking 24 deterministic prompts in a loop (nearly all cache hits); for each deadline the run reports the
+lookups that were bypassed (the deadline passed although Redis was up) next to hits and requests per
+second. The deadline a Redis call gets is mostly time the call waits for the event loop, not Redis, so the
+figure depends on how busy the gateway's core is: docs/reliability.md has the numbers behind the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.harness import scripted_upstream, vllm_expert_config
+from tests.reliability.common import gateway_process, metric, private_redis, scrape
+
+
+def run(timeout_ms: int, seconds: float, clients: int) -> dict[str, float]:
+    with scripted_upstream("general") as up, private_redis() as rds, tempfile.TemporaryDirectory() as tmp:
+        cfg = {"experts": [vllm_expert_config("general", up)], "default_expert": "general",
+               "logging": {"level": "ERROR"},
+               "cache": {"backend": "redis", "url": rds.url, "timeout_ms": timeout_ms, "key_prefix": "m"},
+               "auth": {"api_keys_env": None}}
+        with gateway_process(cfg, Path(tmp)) as gw:
+            stop, count = threading.Event(), [0] * clients
+
+            def client(n: int) -> None:
+                with httpx.Client(timeout=15) as http:
+                    i = n
+                    while not stop.is_set():
+                        http.post(f"{gw.url}/v1/chat/completions", json={
+                            "model": "general", "temperature": 0,
+                            "messages": [{"role": "user", "content": f"prompt {i % 24}"}]}).raise_for_status()
+                        count[n] += 1
+                        i += 1
+
+            threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+            for t in threads:
+                t.start()
+            time.sleep(seconds)
+            stop.set()
+            for t in threads:
+                t.join()
+            text = scrape(gw.url)
+    return {"timeout_ms": timeout_ms, "requests_per_s": round(sum(count) / seconds, 1),
+            "hit": metric(text, "octoroute_cache_total", result="hit"),
+            "bypass": metric(text, "octoroute_cache_total", result="bypass"),
+            "redis_errors": metric(text, "octoroute_cache_total", result="error")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--timeouts", default="50,100,250")
+    args = ap.parse_args()
+    for timeout_ms in (int(t) for t in args.timeouts.split(",")):
+        print(run(timeout_ms, args.seconds, args.clients), flush=True)
+
+
+if __name__ == "__main__":
+    main()
