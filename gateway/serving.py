@@ -28,9 +28,10 @@ from starlette.types import Receive
 from gateway.answers import Assembler, replay_json, replay_stream, replayable
 from gateway.auth import key_id
 from gateway.cache import Cache, cache_key, is_deterministic
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, TimeoutConfig
 from gateway.errors import OpenAIError, bad_request, cannot_honour, overloaded
 from gateway.experts import Endpoint, ExpertHandle, UpstreamError
+from gateway.experts.deadlines import bounded_stream
 from gateway.experts.wire import is_response
 from gateway.fusion import FusionHooks, FusionInputError, FusionRefused, fused_stream
 from gateway.metrics import Metrics
@@ -378,9 +379,12 @@ class Pipeline:
         if not any(k in body for k in ("max_tokens", "max_completion_tokens")):
             body["max_tokens"] = FUSION_DEFAULT_MAX_TOKENS
         bases = self.resolver.bases()
-        chunks = _standard(fused_stream([(h.expert, w) for h, w in members], call.endpoint, body,
-                                        config=self.config.fusion, hooks=self.fusion_hooks,
-                                        bases=(bases[0].expert, bases[1].expert) if bases else None))
+        fused = fused_stream([(h.expert, w) for h, w in members], call.endpoint, body, config=self.config.fusion,
+                             hooks=self.fusion_hooks, bases=(bases[0].expert, bases[1].expert) if bases else None)
+        # the members' tightest time limits bound the fused answer, as each bounds its own
+        limits = TimeoutConfig(**{f: min(getattr(h.config.timeouts, f) for h, _ in members)
+                                  for f in TimeoutConfig.model_fields})
+        chunks = bounded_stream(_standard(fused), limits, "fusion")
         for handle, _ in members:
             handle.acquire()
         released = False

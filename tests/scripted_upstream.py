@@ -17,7 +17,7 @@ Test endpoints:
   ``tool_calls``, ``logprobs``, ``refusal``, streamed and not, consistently); ``fail_times`` limits
   ``fail`` to the next N requests. ``framing`` (any mode) lists how events are written: ``crlf`` or ``cr``
   line ends, ``comments`` between events, ``nospace`` after ``data:``, ``multiline`` data, ``fields``
-  (``event:``/``id:``/``retry:`` lines) - all valid per the WHATWG event-stream format.
+  (``event:``/``id:``/``retry:`` lines), a leading ``bom`` - all valid per the WHATWG event-stream format.
 - ``GET /_stats``: counts of requests, completed streams, and streams the client cancelled.
 
 Raw ASGI, no framework: it doubles as the fast upstream of the gateway benchmark.
@@ -196,6 +196,11 @@ class Scripted:
                                            "created": created, "model": self.name, "choices": [choice],
                                            "usage": usage})
         await send({"type": "http.response.start", "status": 200, "headers": SSEH})
+        bom = ["\ufeff".encode()] if "bom" in (self.control.get("framing") or ()) else []  # opens the stream
+
+        async def send_body(body: bytes, more: bool = True) -> None:
+            await send({"type": "http.response.body", "body": (bom.pop() if bom else b"") + body, "more_body": more})
+
         disconnected = asyncio.Event()
 
         async def watch() -> None:
@@ -217,16 +222,15 @@ class Scripted:
                     raise ConnectionAbortedError("scripted death mid-stream")
                 if mode == "inject" and i == int(self.control.get("after", 1)):
                     data = str(self.control["payload"]).encode()
-                    await send({"type": "http.response.body", "body": self._frame(data), "more_body": True})
+                    await send_body(self._frame(data))
                     await disconnected.wait()
                     return
                 choice = {"logprobs": None, "finish_reason": None, **choice}
                 chunk = {"id": rid, "object": obj, "created": created, "model": self.name, "choices": [choice]}
-                await send({"type": "http.response.body", "body": self._frame(orjson.dumps(chunk)),
-                            "more_body": True})
+                await send_body(self._frame(orjson.dumps(chunk)))
                 if mode == "keepalive" and i == 0:
                     while not disconnected.is_set():
-                        await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+                        await send_body(b": keep-alive\n\n")
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(disconnected.wait(), float(self.control.get("delay_s", 0.2)))
                     self.stats["cancelled"] += 1
@@ -241,7 +245,7 @@ class Scripted:
                 tail.append({"id": rid, "object": obj, "created": created, "model": self.name, "choices": [],
                              "usage": usage})
             payload = b"".join(self._frame(orjson.dumps(c)) for c in tail) + self._frame(b"[DONE]")
-            await send({"type": "http.response.body", "body": payload, "more_body": False})
+            await send_body(payload, more=False)
             self.stats["completed"] += 1
         finally:
             watcher.cancel()

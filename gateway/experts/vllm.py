@@ -19,6 +19,7 @@ leaves closes the generator, which closes the upstream stream.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -76,6 +77,27 @@ def connect_failure(name: str, base_url: str, exc: BaseException, connect_s: flo
         return UpstreamError("connect_timeout", f"cannot reach expert {name}: no connection to {where} within "
                              f"{connect_s:g}s (timeouts.connect_s)", 502)
     return UpstreamError("connect", f"cannot reach expert {name} at {where}: {type(chain[-1]).__name__}", 502)
+
+
+class _Utf8Stream:
+    """The part of an ``httpx.Response`` that ``httpx_sse.EventSource`` reads, decoded as the event-stream
+    format requires whatever the headers say: UTF-8 (invalid bytes replaced), one leading BOM dropped."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.headers = response.headers
+        self._response = response
+
+    async def aiter_text(self) -> AsyncIterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        start = True
+        async for raw in self._response.aiter_bytes():
+            text = decoder.decode(raw)
+            if start and text:
+                text, start = text.removeprefix("\ufeff"), False
+            if text:
+                yield text
+        if tail := decoder.decode(b"", final=True):
+            yield tail
 
 
 class VllmExpert(Expert):
@@ -156,7 +178,7 @@ class VllmExpert(Expert):
     async def stream(self, endpoint: Endpoint, body: JSON) -> AsyncIterator[JSON]:
         response = await self._send(endpoint, body)
         first = True
-        events = EventSource(response).aiter_sse()
+        events = EventSource(_Utf8Stream(response)).aiter_sse()  # type: ignore[arg-type]
         try:
             try:
                 async for event in events:

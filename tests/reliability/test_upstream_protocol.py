@@ -38,8 +38,8 @@ def _ask(url: str, stream: bool, endpoint: str = "chat") -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", timeout=15, json={"model": "math", "stream": stream, "prompt": PROMPT})
 
 
-FRAMINGS = [["crlf"], ["cr"], ["comments"], ["nospace"], ["multiline"], ["fields"],
-            ["crlf", "comments", "nospace", "multiline", "fields"]]
+FRAMINGS = [["crlf"], ["cr"], ["comments"], ["nospace"], ["multiline"], ["fields"], ["bom"],
+            ["crlf", "comments", "nospace", "multiline", "fields", "bom"]]
 
 
 @pytest.mark.parametrize("framing", FRAMINGS, ids=["+".join(f) for f in FRAMINGS])
