@@ -877,7 +877,8 @@ def load_shared(shared: Path) -> set[str]:
     return seen
 
 
-def dedupe_and_cap(rows: Iterable[Row], shared_seen: set[str], rng: random.Random) -> tuple[list[Row], int]:
+def dedupe_and_cap(rows: Iterable[Row], shared_seen: set[str],
+                   rng_for: Callable[[str], random.Random]) -> tuple[list[Row], int]:
     seen = set(shared_seen)
     unique: list[Row] = []
     dropped_shared = 0
@@ -895,7 +896,7 @@ def dedupe_and_cap(rows: Iterable[Row], shared_seen: set[str], rng: random.Rando
     for key in sorted(groups):
         items = groups[key]
         if key in CAPS and len(items) > CAPS[key]:
-            items = rng.sample(items, CAPS[key])
+            items = rng_for(f"cap/{key}").sample(items, CAPS[key])
         kept.extend(items)
     return kept, dropped_shared
 
@@ -946,7 +947,7 @@ def main() -> int:
     rows += lexam_legal(mirror)
     rows += sgd_finance_turns(mirror, rng_for("sgd_turns"), cap_n=1500)
     rows += mathematics_dataset(mirror, per_module=8, mc_per_module=4, seed=a.seed)
-    kept, dropped_shared = dedupe_and_cap(rows, load_shared(a.shared), rng_for("caps"))
+    kept, dropped_shared = dedupe_and_cap(rows, load_shared(a.shared), rng_for)
     kept.sort(key=lambda r: (r.label, r.source, r.text))
     convs = mathdial_conversations(mirror, rng_for("mathdial"))
     convs += sgd_conversations(mirror, rng_for("sgd"), general_cap=400)
