@@ -7,16 +7,19 @@ Every source, licence and transformation is documented in README.md next to this
 
 Inputs are bare git snapshots under a mirror folder (one `owner+name/repo` git dir per repository, as
 brought by the session's fetch tool); each file is read with `git show COMMIT:PATH` at the commit pinned
-in `REPOS`, so a rerun gives the same rows. Nothing here is imported by gateway code.
+in `REPOS`, so a rerun gives the same rows (except ~5 % of the generated mathematics_dataset rows, whose
+generator orders some objects by identity). Nothing here is imported by gateway code.
 
-Rerun (from the repo root):
+Rerun (from the repo root; the mirror needs the repositories listed in `REPOS`):
 
-    python -m venv /tmp/mdsenv && /tmp/mdsenv/bin/pip install six absl-py "sympy==1.5.1" "numpy<1.24"
+    python -m venv /tmp/mdsenv
+    /tmp/mdsenv/bin/pip install six absl-py "sympy==1.5.1" "numpy<1.24" openpyxl
     /tmp/mdsenv/bin/python router_model/data/build_extra.py --mirror /work/.mirror \
         --shared /work/shared/data/routing --out router_model/data
 
-The extra interpreter is only needed by the deepmind/mathematics_dataset generator (it needs an old
-sympy and numpy); without `--with-mds` support it is skipped with a warning. The script then runs
+The separate interpreter is needed by the deepmind/mathematics_dataset generator (an old sympy and numpy)
+and by the LEXam spreadsheets (openpyxl); without those packages the two sources are skipped with a
+warning on stderr. The script re-executes itself with PYTHONHASHSEED=0, then runs
 `shared/tools/contamination.py` on both outputs and removes every MATCH and NEAR row (conservative).
 Outputs: `extra_train.jsonl` rows `{id, text, label, source, license}`; `conversations.jsonl` rows
 `{id, messages, label, source, license, kind}` whose last message is a user turn.
