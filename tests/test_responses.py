@@ -426,3 +426,19 @@ def test_store_that_does_not_answer_is_a_503_not_a_404(upstreams: dict[str, Upst
                 call()
             assert err.value.status_code == 503 and err.value.code == "service_unavailable"
             assert err.value.response.headers["retry-after"] == "1"
+
+
+def test_replicas_sharing_redis_and_the_cache_secret_continue_each_others_chains(
+        upstreams: dict[str, Upstream], redis_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OCTOROUTE_CACHE_SECRET", "replica-secret")
+    config = {"experts": [vllm_expert_config("general", upstreams["general"])], "default_expert": "general",
+              "cache": {"backend": "redis", "url": REDIS_URL, "key_prefix": redis_prefix, "timeout_ms": 500},
+              "auth": {"api_keys_env": None}}
+    with run_gateway(config, router=KeywordRouter()) as one, run_gateway(config, router=KeywordRouter()) as two:
+        first = openai.OpenAI(base_url=f"{one}/v1", api_key="x", max_retries=0).responses.create(
+            model="general", input="remember me")
+        other = openai.OpenAI(base_url=f"{two}/v1", api_key="x", max_retries=0)
+        assert other.responses.retrieve(first.id).output_text == "general: remember me"
+        other.responses.create(model="general", input="and now?", previous_response_id=first.id)
+    assert [m["content"] for m in upstreams["general"].stats()["last_body"]["messages"]] == [
+        "remember me", "general: remember me", "and now?"]
