@@ -11,8 +11,8 @@ Test endpoints:
   ``ok`` | ``fail`` (HTTP ``status``, default 500, after ``delay_s``) | ``slow_first`` (sleep ``delay_s``
   before headers) | ``slow_chunks`` (sleep ``delay_s`` between chunks) | ``die_after`` (drop the connection after
   ``chunks`` chunks) | ``keepalive`` (after the first chunk, only ``: keep-alive`` comments every
-  ``delay_s``) | ``inject`` (after ``after`` good chunks, the raw SSE data ``payload``; non-streamed:
-  ``payload`` as the whole 200 body) | ``big`` (``chunks`` chunks of ``size`` characters, as fast as the
+  ``delay_s``) | ``inject`` (after ``after`` good chunks, the raw SSE data ``payload`` x ``repeat``;
+  non-streamed: that as the whole 200 body) | ``big`` (``chunks`` chunks of ``size`` characters, as fast as the
   client takes them) | ``rich`` (the answer also carries the ``fields`` listed: ``reasoning_content``,
   ``tool_calls``, ``logprobs``, ``refusal``, streamed and not, consistently); ``fail_times`` limits
   ``fail`` to the next N requests. ``framing`` (any mode) lists how events are written: ``crlf`` or ``cr``
@@ -100,6 +100,10 @@ class Scripted:
         event = eol.join(out) + eol + eol
         return (b": comment" + eol + event) if "comments" in framing else event
 
+    def _payload(self) -> bytes:
+        """``inject``'s payload, ``repeat`` times (large payloads without sending them to /_control)."""
+        return str(self.control["payload"]).encode() * int(self.control.get("repeat", 1))
+
     def _rich(self, chat: bool, words: list[str], finish: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """(streamed choices, non-streamed choice) of an answer carrying the ``fields`` asked for."""
         fields = set(self.control.get("fields") or ())
@@ -183,7 +187,7 @@ class Scripted:
             if mode == "inject":
                 self.stats["completed"] += 1
                 await send({"type": "http.response.start", "status": 200, "headers": JSONH})
-                return await send({"type": "http.response.body", "body": str(self.control["payload"]).encode()})
+                return await send({"type": "http.response.body", "body": self._payload()})
             if rich is not None:
                 choice: dict[str, Any] = rich[1]
             elif chat:
@@ -221,8 +225,7 @@ class Scripted:
                 if mode == "die_after" and i >= int(self.control.get("chunks", 1)):
                     raise ConnectionAbortedError("scripted death mid-stream")
                 if mode == "inject" and i == int(self.control.get("after", 1)):
-                    data = str(self.control["payload"]).encode()
-                    await send_body(self._frame(data))
+                    await send_body(self._frame(self._payload()))
                     await disconnected.wait()
                     return
                 choice = {"logprobs": None, "finish_reason": None, **choice}

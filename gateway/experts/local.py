@@ -307,14 +307,14 @@ class LocalExpert(Expert):
 
     async def generate(self, endpoint: Endpoint, body: JSON, on_first_byte: Callable[[], None] | None = None) -> JSON:
         out, usage = Outcome(), {"prompt_tokens": 0}
-        pieces: list[str] = []
-        async for piece in self._pieces(endpoint, body, out, usage, before_first_byte=True):
-            if not pieces and on_first_byte is not None:
+        pieces = self._pieces(endpoint, body, out, usage, before_first_byte=True)
+        try:
+            first = await anext(pieces, None)  # the model is generating (or already done): a healthy expert
+            if on_first_byte is not None:
                 on_first_byte()
-            pieces.append(piece)
-        if not pieces and on_first_byte is not None:
-            on_first_byte()
-        text = "".join(pieces)
+            text = "".join([first or "", *[piece async for piece in pieces]])
+        finally:
+            await pieces.aclose()  # a cancelled request (client gone) stops the worker at its next token
         if endpoint == "chat":
             choice: JSON = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:

@@ -35,6 +35,14 @@ from gateway.experts.base import JSON, Endpoint, Expert, UpstreamError
 from gateway.experts.wire import parse_chunk, parse_response
 
 PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completions": "/completions"}
+# What one upstream may make the gateway hold in memory: one SSE event (a chunk is a few KB), one
+# non-streamed body (16 choices of long answers with top logprobs stay well under it).
+MAX_EVENT_CHARS = 16 * 2**20
+MAX_BODY_BYTES = 64 * 2**20
+
+
+class _Oversized(Exception):
+    """The upstream sent more than a bound allows in one piece."""
 
 
 def _error_from_response(status: int, content: bytes) -> UpstreamError:
@@ -86,6 +94,7 @@ class _Utf8Stream:
     def __init__(self, response: httpx.Response) -> None:
         self.headers = response.headers
         self._response = response
+        self.pending = 0  # characters received since the consumer last took an event (it resets this)
 
     async def aiter_text(self) -> AsyncIterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -94,6 +103,9 @@ class _Utf8Stream:
             text = decoder.decode(raw)
             if start and text:
                 text, start = text.removeprefix("\ufeff"), False
+            self.pending += len(text)
+            if self.pending > MAX_EVENT_CHARS:
+                raise _Oversized(f"more than {MAX_EVENT_CHARS // 2**20} MiB without a complete event")
             if text:
                 yield text
         if tail := decoder.decode(b"", final=True):
@@ -167,21 +179,28 @@ class VllmExpert(Expert):
                                 "(timeouts.first_byte_s)", 504) from None
         if on_first_byte is not None:
             on_first_byte()
+        content = bytearray()
         try:
-            content = await response.aread()
+            async for raw in response.aiter_bytes():
+                content += raw
+                if len(content) > MAX_BODY_BYTES:
+                    raise UpstreamError("protocol", f"expert {self.name} sent a response larger than "
+                                        f"{MAX_BODY_BYTES // 2**20} MiB", 502)
         except httpx.HTTPError as exc:
             raise UpstreamError("protocol", f"expert {self.name} broke off: {type(exc).__name__}", 502) from exc
         finally:
             await response.aclose()
-        return parse_response(endpoint, self.name, content)
+        return parse_response(endpoint, self.name, bytes(content))
 
     async def stream(self, endpoint: Endpoint, body: JSON) -> AsyncIterator[JSON]:
         response = await self._send(endpoint, body)
         first = True
-        events = EventSource(_Utf8Stream(response)).aiter_sse()  # type: ignore[arg-type]
+        source = _Utf8Stream(response)
+        events = EventSource(source).aiter_sse()  # type: ignore[arg-type]
         try:
             try:
                 async for event in events:
+                    source.pending = 0
                     if not event.data or event.event != "message":
                         continue  # WHATWG: no data, no event; named events are not OpenAI chunks
                     if event.data == "[DONE]":
@@ -189,7 +208,7 @@ class VllmExpert(Expert):
                     chunk = parse_chunk(endpoint, self.name, event.data, before_first_byte=first)
                     first = False
                     yield chunk
-            except SSEError as exc:
+            except (SSEError, _Oversized) as exc:
                 raise UpstreamError("protocol", f"expert {self.name}: {exc}", 502, before_first_byte=first) from None
             except httpx.HTTPError as exc:
                 raise UpstreamError("protocol", f"expert {self.name} broke off mid-stream: {type(exc).__name__}",

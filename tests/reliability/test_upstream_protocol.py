@@ -131,3 +131,18 @@ def test_wrong_shaped_responses_are_502_upstream_protocol(gateway: tuple[str, Up
         assert err["code"] == "upstream_protocol" and "expert math" in err["message"], err
     finally:
         math.control("ok")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["one endless event", "a huge body"])
+def test_an_upstream_cannot_make_the_gateway_hold_unbounded_data(gateway: tuple[str, Upstream], stream: bool) -> None:
+    """17 MiB of SSE data with no event end (the bound is 16 MiB), or a 65 MiB body (bound 64 MiB): an
+    ``upstream_protocol`` error instead of buffering whatever the upstream sends."""
+    url, math = gateway
+    math.control("inject", after=1, payload="x" * 1024, repeat=(17 if stream else 65) * 1024)
+    try:
+        r = _ask(url, stream=stream)
+        err = assert_error_stream(r.text) if stream else assert_openai_error(r.json())
+        assert err["code"] == "upstream_protocol" and "MiB" in err["message"], err
+        assert stream or r.status_code == 502
+    finally:
+        math.control("ok")
