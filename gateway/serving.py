@@ -1,9 +1,9 @@
 """The request pipeline shared by /v1/chat/completions and /v1/completions (and /v1/responses on top).
 
-resolve the model (``gateway.resolution``) -> cache lookup -> forward to the expert (fallback when it
-is down) -> answer (JSON, or SSE relayed chunk by chunk, ``gateway.relay``) -> cache the complete
-answer (``gateway.answers``). The per-expert guards (slots, breaker, time limits, failure accounting)
-live on ``ExpertHandle``.
+resolve the model (``gateway.resolution``) -> cache lookup (``gateway.answer_cache``) -> pick the expert
+(``gateway.guards``: slots, breaker, fallback) -> forward it (``ExpertHandle``: time limits, failure
+accounting) -> answer (JSON, or SSE relayed chunk by chunk, ``gateway.relay``) -> cache the complete
+answer (rebuilt by ``gateway.answers``).
 
 Who is at fault decides what a failure counts against: an upstream 4xx or an in-process failure on
 this request is the request's (the client's answer; the breaker does not move), anything that says
@@ -25,15 +25,16 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive
 
-from gateway.answers import Assembler, replay_json, replay_stream, replayable
+from gateway.answer_cache import AnswerCache
+from gateway.answers import Assembler, replay_json, replay_stream
 from gateway.auth import key_id
-from gateway.cache import Cache, cache_key, is_deterministic
+from gateway.cache import Cache
 from gateway.config import GatewayConfig, TimeoutConfig
-from gateway.errors import OpenAIError, bad_request, cannot_honour, overloaded
+from gateway.errors import OpenAIError, bad_request, cannot_honour
 from gateway.experts import Endpoint, ExpertHandle, UpstreamError
 from gateway.experts.deadlines import bounded_stream
-from gateway.experts.wire import is_response
 from gateway.fusion import FusionHooks, FusionInputError, FusionRefused, fused_stream
+from gateway.guards import Guards
 from gateway.metrics import Metrics
 from gateway.relay import SSE_HEADERS, ClientGone, EventStream, sse, unless_client_leaves, visible
 from gateway.resolution import Resolver
@@ -105,9 +106,10 @@ class Pipeline:
         self.config = config
         self.shutdown = shutdown
         self.experts = experts
-        self.cache = cache
         self.metrics = metrics
         self.resolver = Resolver(config, routing, experts, metrics)
+        self.answers = AnswerCache(config.cache, cache, metrics)
+        self.guards = Guards(config, experts, metrics)
         self.fusion_hooks = FusionHooks(on_step=self._on_fusion_step, on_drop=self._on_fusion_drop)
 
     async def detect_fusion(self, timeout_s: float = 10.0) -> None:
@@ -166,77 +168,25 @@ class Pipeline:
                                    "stream": call.stream, "ms": round(elapsed * 1000, 2),
                                    "cache": call.headers.get("x-octoroute-cache")})
 
-    # -- cache ----------------------------------------------------------------------------------
-    def _cache_key(self, call: Call, expert: str) -> str | None:
-        cfg = self.config.cache
-        if cfg.backend == "none" or (cfg.deterministic_only and not is_deterministic(call.body)):
-            return None
-        namespace = "shared" if cfg.shared else key_id(call.api_key)
-        return cache_key(cfg.key_prefix, namespace, call.endpoint, expert, call.body)
-
-    async def _cached(self, call: Call, key: str | None, expert: str) -> Response | None:
-        """The cached answer as this request's response (new id, current time), or None to ask the expert.
-        An entry is served only if it is a complete response of this endpoint that a replay rebuilds."""
-        if key is None:
-            call.headers["x-octoroute-cache"] = "bypass"
-            return None
-        endpoint = call.endpoint
-        lookup, cached = await self.cache.get(key, lambda v: is_response(endpoint, v) and replayable(endpoint, v))
-        self.metrics.cache.labels(lookup).inc()
-        call.headers["x-octoroute-cache"] = lookup
-        if cached is None:
-            return None
-        if call.stream:
-            self._finish(call, expert, 200)
-            # The whole SSE stream in one body: a complete, well-formed stream at the cost of one write.
-            return Response(replay_stream(endpoint, cached, call.include_usage), media_type="text/event-stream",
-                            headers={**call.headers, **SSE_HEADERS})
-        return _json_response(replay_json(endpoint, cached), call.headers)
-
-    async def _store(self, key: str | None, endpoint: Endpoint, value: dict[str, Any]) -> None:
-        if key is not None and replayable(endpoint, value) and await self.cache.set(key, value):
-            self.metrics.cache.labels("store").inc()
-
-    # -- guards ---------------------------------------------------------------------------------
-    def _pick(self, handle: ExpertHandle) -> ExpertHandle:
-        """The expert that will really answer: the chosen one, or the fallback while it is open. A full
-        expert is refused (429) before its breaker is asked, so a refused request never holds a probe."""
-        self._refuse_if_saturated(handle)
-        if handle.breaker.allow():
-            return handle
-        fallback = self._fallback_for(handle)
-        if fallback is not None and not fallback.saturated and fallback.breaker.allow():
-            self.metrics.fallbacks.labels(handle.name).inc()
-            return fallback
-        self.metrics.rejected.labels("breaker_open").inc()
-        raise overloaded(f"expert {handle.name!r} is unavailable (circuit open); retry shortly",
-                         retry_after_s=max(1, int(handle.config.breaker.reset_after_s)), status=503)
-
-    def _fallback_for(self, handle: ExpertHandle) -> ExpertHandle | None:
-        name = self.config.fallback_expert
-        if name is None or name == handle.name:
-            return None
-        return self.experts[name]
-
-    def _refuse_if_saturated(self, handle: ExpertHandle) -> None:
-        """429 instead of queueing without bound."""
-        if handle.saturated:
-            self.metrics.rejected.labels("expert_saturated").inc()
-            raise overloaded(f"expert {handle.name!r} is at its concurrency limit "
-                             f"({handle.config.max_concurrency}); retry shortly")
-
-    def _failed(self, call: Call, handle: ExpertHandle, err: UpstreamError) -> None:
-        handle.failed(err)
-        if err.kind == "internal":
-            log.error("expert %s failed on a request", handle.name, exc_info=err.__cause__ or err,
-                      extra={"request_id": call.request_id})
-
     def _count_tokens(self, expert: str, usage: dict[str, Any] | None) -> None:
         if usage:
             self.metrics.tokens.labels(expert, "prompt").inc(usage.get("prompt_tokens") or 0)
             self.metrics.tokens.labels(expert, "completion").inc(usage.get("completion_tokens") or 0)
 
     # -- answering ------------------------------------------------------------------------------
+    async def _cached(self, call: Call, key: str | None, expert: str) -> Response | None:
+        """The cached answer as this request's response (new id, current time), or None to ask the expert."""
+        lookup, cached = await self.answers.lookup(call.endpoint, key)
+        call.headers["x-octoroute-cache"] = lookup
+        if cached is None:
+            return None
+        if call.stream:
+            self._finish(call, expert, 200)
+            # The whole SSE stream in one body: a complete, well-formed stream at the cost of one write.
+            return Response(replay_stream(call.endpoint, cached, call.include_usage), media_type="text/event-stream",
+                            headers={**call.headers, **SSE_HEADERS})
+        return _json_response(replay_json(call.endpoint, cached), call.headers)
+
     def _upstream_body(self, call: Call, handle: ExpertHandle) -> dict[str, Any]:
         body = dict(call.body)
         body["model"] = handle.config.served_model
@@ -245,13 +195,13 @@ class Pipeline:
         return body
 
     async def _answer(self, call: Call, chosen: ExpertHandle) -> Response:
-        key = self._cache_key(call, chosen.name)
+        key = self.answers.key(call.endpoint, call.body, call.api_key, chosen.name)
         cached = await self._cached(call, key, chosen.name)
         if cached is not None:
             return cached
-        handle = self._pick(chosen)
+        handle = self.guards.pick(chosen)
         attempts = [handle]
-        fallback = self._fallback_for(handle)
+        fallback = self.guards.fallback_for(handle)
         if fallback is not None:
             attempts.append(fallback)
         last_error: UpstreamError | None = None
@@ -283,7 +233,7 @@ class Pipeline:
             result = await unless_client_leaves(call.receive,
                                                 handle.generate(call.endpoint, self._upstream_body(call, handle)))
         except UpstreamError as err:
-            self._failed(call, handle, err)
+            self.guards.failed(call.request_id, handle, err)
             raise
         except ClientGone:
             handle.breaker.release_probe()
@@ -292,7 +242,7 @@ class Pipeline:
             handle.release()
         handle.breaker.record_success()
         self._count_tokens(handle.name, result.get("usage"))
-        await self._store(key, call.endpoint, result)
+        await self.answers.store(key, call.endpoint, result)
         return _json_response(result, call.headers)
 
     async def _stream(self, call: Call, handle: ExpertHandle, key: str | None) -> Response:
@@ -308,7 +258,7 @@ class Pipeline:
             handle.release()
             await upstream.aclose()  # type: ignore[attr-defined]
             if isinstance(exc, UpstreamError):
-                self._failed(call, handle, exc)
+                self.guards.failed(call.request_id, handle, exc)
                 raise
             handle.breaker.release_probe()
             if isinstance(exc, ClientGone):
@@ -317,7 +267,7 @@ class Pipeline:
         handle.breaker.record_success()
         self.metrics.ttft_seconds.labels(handle.name).observe(time.perf_counter() - call.started)
         return self._event_stream(call, handle.name, upstream, first, key, handle.release,
-                                  lambda err: self._failed(call, handle, err))
+                                  lambda err: self.guards.failed(call.request_id, handle, err))
 
     def _event_stream(self, call: Call, expert: str, upstream: AsyncIterator[dict[str, Any]],
                       first: dict[str, Any] | None, key: str | None, release: Callable[[], None],
@@ -363,18 +313,19 @@ class Pipeline:
             self._count_tokens(expert, assembler.usage)
             self._finish(call, expert, status)
         if completed and assembler.cacheable and assembler.complete:
-            await self._store(key, call.endpoint, assembler.response())
+            await self.answers.store(key, call.endpoint, assembler.response())
 
     # -- fusion ---------------------------------------------------------------------------------
     async def _answer_fused(self, call: Call, members: tuple[tuple[ExpertHandle, float], ...]) -> Response:
         """Fuse the members' next-token distributions at every step; streams like a single expert."""
         names = [h.name for h, _ in members]
-        key = self._cache_key(call, f"fusion[{self.config.fusion.mode}]:" + "+".join(names))
+        key = self.answers.key(call.endpoint, call.body, call.api_key,
+                               f"fusion[{self.config.fusion.mode}]:" + "+".join(names))
         cached = await self._cached(call, key, "fusion")
         if cached is not None:
             return cached
         for handle, _ in members:
-            self._refuse_if_saturated(handle)
+            self.guards.refuse_if_saturated(handle)
         body = {**call.body, "model": "fusion"}
         if not any(k in body for k in ("max_tokens", "max_completion_tokens")):
             body["max_tokens"] = FUSION_DEFAULT_MAX_TOKENS
@@ -430,7 +381,7 @@ class Pipeline:
             result = assembler.response()
             self._count_tokens("fusion", assembler.usage)
             if assembler.complete:
-                await self._store(key, call.endpoint, result)
+                await self.answers.store(key, call.endpoint, result)
             return _json_response(result, call.headers)
         return self._event_stream(call, "fusion", chunks, first, key, release, lambda err: None)
 
