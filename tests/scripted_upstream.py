@@ -13,8 +13,9 @@ Test endpoints:
   ``chunks`` chunks) | ``keepalive`` (after the first chunk, only ``: keep-alive`` comments every
   ``delay_s``) | ``inject`` (after ``after`` good chunks, the raw SSE data ``payload`` x ``repeat``;
   non-streamed: that as the whole 200 body) | ``big`` (``chunks`` chunks of ``size`` characters, as fast as the
-  client takes them) | ``rich`` (the answer also carries the ``fields`` listed: ``reasoning_content``,
-  ``tool_calls``, ``logprobs``, ``refusal``, streamed and not, consistently); ``fail_times`` limits
+  client takes them) | ``slow_body`` (non-streamed: headers at once, the body after ``delay_s``)
+  | ``rich`` (the answer also carries the ``fields`` listed: ``reasoning_content``, ``tool_calls``,
+  ``logprobs``, ``refusal``, streamed and not, consistently); ``fail_times`` limits
   ``fail`` to the next N requests. ``framing`` (any mode) lists how events are written: ``crlf`` or ``cr``
   line ends, ``comments`` between events, ``nospace`` after ``data:``, ``multiline`` data, ``fields``
   (``event:``/``id:``/``retry:`` lines), a leading ``bom`` - all valid per the WHATWG event-stream format.
@@ -195,10 +196,15 @@ class Scripted:
                           "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": "".join(words), "logprobs": None, "finish_reason": finish}
+            answer = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                      "model": self.name, "choices": [choice], "usage": usage}
+            if mode == "slow_body":  # headers at once, the body after delay_s
+                await send({"type": "http.response.start", "status": 200, "headers": JSONH})
+                await asyncio.sleep(float(self.control.get("delay_s", 3)))
+                self.stats["completed"] += 1
+                return await send({"type": "http.response.body", "body": orjson.dumps(answer)})
             self.stats["completed"] += 1
-            return await self._json(send, {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                                           "created": created, "model": self.name, "choices": [choice],
-                                           "usage": usage})
+            return await self._json(send, answer)
         await send({"type": "http.response.start", "status": 200, "headers": SSEH})
         bom = ["\ufeff".encode()] if "bom" in (self.control.get("framing") or ()) else []  # opens the stream
 

@@ -38,10 +38,11 @@ def _ask(url: str, model: str = "math", stream: bool = False, **extra: Any) -> h
                       json={"model": model, "messages": MATH, "stream": stream, **extra})
 
 
-@pytest.mark.parametrize("probe_client", ["reads", "never reads"])
+@pytest.mark.parametrize("probe_client", ["reads", "never reads", "non-streamed"])
 def test_half_open_breaker_closes_on_the_probes_first_byte(pair: tuple[Upstream, Upstream], probe_client: str) -> None:
-    """The probe is a healthy 5 s stream: the breaker closes at its first chunk, so requests made while it is
-    still streaming are served (was: 503 until the probe's answer ended, or until a non-reading client left)."""
+    """The probe is a healthy 5 s answer: the breaker closes at its first chunk (or, non-streamed, its response
+    headers), so requests made while it is still running are served (was: 503 until the probe's answer ended,
+    or until a non-reading client left)."""
     math, general = pair
     cfg = {"experts": [vllm_expert_config("math", math, retries=0, breaker={"failure_threshold": 1,
                                                                           "reset_after_s": 0.5}),
@@ -52,9 +53,15 @@ def test_half_open_breaker_closes_on_the_probes_first_byte(pair: tuple[Upstream,
         assert _ask(url).status_code == 502
         assert metric(scrape(url), "octoroute_breaker_open", expert="math") == 1
         time.sleep(0.6)  # reset_after_s: the next request is the probe
-        math.control("slow_chunks", delay_s=0.5)
+        math.control("slow_body" if probe_client == "non-streamed" else "slow_chunks", delay_s=5 if
+                     probe_client == "non-streamed" else 0.5)
         done = threading.Event()
-        if probe_client == "reads":
+        if probe_client == "non-streamed":  # its headers come at once, its body after 5 s
+            def probe_json() -> None:
+                assert _ask(url).status_code == 200
+                done.set()
+            threading.Thread(target=probe_json, daemon=True).start()
+        elif probe_client == "reads":
             def probe() -> None:
                 assert_complete_stream(_ask(url, stream=True).text)
                 done.set()
