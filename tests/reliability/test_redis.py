@@ -7,6 +7,7 @@ back, no answer may ever be served for the wrong request, and a damaged entry is
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -334,7 +335,8 @@ def _hello(url: str, i: int) -> httpx.Response:
 
 
 def test_a_stalled_redis_costs_one_deadline_per_backoff_not_one_per_request(
-        upstream: Upstream, rds: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        upstream: Upstream, rds: RedisServer, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Redis paused for 4 s: the first request waits out the 250 ms deadline, the following ones skip Redis for
     the back-off (cache and limiter alike). Before, every request waited the deadline (12 x 250 ms)."""
     monkeypatch.setenv("RL_KEYS", "rl-key")
@@ -347,6 +349,8 @@ def test_a_stalled_redis_costs_one_deadline_per_backoff_not_one_per_request(
         took = time.monotonic() - started
     assert statuses == [200] * 12
     assert took < 1.6, f"12 requests took {took:.2f}s during a Redis stall (the deadline is 0.25 s per call)"
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "redis" in r.getMessage().lower()]
+    assert 1 <= len(warnings) <= 3, [r.getMessage() for r in warnings]  # once per back-off, not per request
 
 
 @pytest.mark.parametrize("policy", ["open", "closed"])
