@@ -75,7 +75,7 @@ class _Choice(_Open):
 
 
 class ChatChunkChoice(_Choice):
-    delta: Delta
+    delta: Delta = Delta()  # some servers leave it out of the finishing chunk; it carries nothing there
 
 
 class ChatChunk(_Envelope):
