@@ -104,11 +104,12 @@ class ExpertHandle:
             raise _internal(self.name, exc) from exc
 
     def failed(self, err: UpstreamError) -> None:
-        """Count a failure; only a fault of the expert itself (not of the request) moves the breaker."""
+        """Count a failure; only a fault of the expert itself moves the breaker. A failure the request caused
+        (an upstream 4xx, an in-process error) is no verdict either way: it neither opens the breaker nor
+        resets its count of consecutive expert faults (bad requests in between must not keep a failing
+        expert in service), and a half-open probe it ended lets the next request probe."""
         self.errors.labels(self.name, err.kind).inc()
         if err.expert_fault:
             self.breaker.record_failure()
-        elif err.kind == "http_4xx":
-            self.breaker.record_success()  # the expert answered; the request was bad
         else:
-            self.breaker.release_probe()  # no verdict on the expert's health
+            self.breaker.release_probe()

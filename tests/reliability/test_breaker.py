@@ -155,3 +155,20 @@ def test_unreachable_expert_names_the_real_cause(base_url: str, kind: str, words
         assert words in err["message"] and "ConnectTimeout" not in err["message"], err
         assert err["code"] == "upstream_connect"
         assert metric(scrape(url), "octoroute_upstream_errors_total", expert="math", kind=kind) == 1
+
+
+def test_bad_requests_in_between_do_not_keep_a_failing_expert_in_service(pair: tuple[Upstream, Upstream]) -> None:
+    """Threshold 2: expert fault, a client's 400, expert fault -> open. A 4xx is the request's, no verdict on the
+    expert either way (it used to count as a success and reset the count, so bad requests kept it closed)."""
+    math, general = pair
+    cfg = {"experts": [vllm_expert_config("math", math, retries=0, breaker={"failure_threshold": 2,
+                                                                          "reset_after_s": 30}),
+                       vllm_expert_config("general", general)],
+           "default_expert": "general", "cache": {"backend": "none"}, "auth": {"api_keys_env": None}}
+    with run_gateway(cfg, router=KeywordRouter()) as url:
+        for status in (500, 400, 500):
+            math.control("fail", status=status)
+            assert _ask(url).status_code == (502 if status == 500 else 400)
+        assert metric(scrape(url), "octoroute_breaker_open", expert="math") == 1
+        r = _ask(url)
+        assert r.status_code == 503 and assert_openai_error(r.json())["code"] == "service_unavailable"
