@@ -206,20 +206,23 @@ class RedisCache(Cache):
         self.backoff = backoff
 
     async def _call(self, op: str, coro: Any) -> Any:
-        if self.backoff.down:
+        if not self.backoff.allow():
             coro.close()
             raise CacheUnavailable
         try:
             async with asyncio.timeout(self.config.timeout_ms / 1000):
-                return await coro
+                result = await coro
         except aioredis.ResponseError as exc:
             if str(exc).startswith("WRONGTYPE"):  # this key is bad; Redis is fine
+                self.backoff.ok()
                 raise BadEntry from exc
             self.backoff.trip(op, exc)
             raise CacheUnavailable from exc
         except (TimeoutError, aioredis.RedisError, OSError) as exc:
             self.backoff.trip(op, exc)
             raise CacheUnavailable from exc
+        self.backoff.ok()
+        return result
 
     async def _get(self, key: str) -> bytes | None:
         value: bytes | None = await self._call("GET", self.client.get(key))

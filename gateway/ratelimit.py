@@ -43,7 +43,7 @@ class RateLimiter:
         self.item: RateLimitItem = RateLimitItemPerMinute(per_minute)
         self.timeout_s = timeout_s
         self.outage = outage
-        self.backoff = backoff or Backoff(1.0)
+        self.backoff = backoff or Backoff(1.0, timeout_s)
         self._local = MovingWindowRateLimiter(MemoryStorage())
         self._shared: MovingWindowRateLimiter | None = None
         if redis_url is not None:
@@ -55,11 +55,12 @@ class RateLimiter:
     async def hit(self, key: str) -> None:
         """Count one request for ``key``; raises the 429 (or the outage 503) when it is over the limit."""
         limiter, allowed = self._local, None
-        if self._shared is not None and not self.backoff.down:
+        if self._shared is not None and self.backoff.allow():
             try:
                 async with asyncio.timeout(self.timeout_s):
                     allowed = await self._shared.hit(self.item, key)
                 limiter = self._shared
+                self.backoff.ok()
             except Exception as exc:  # a timeout, or any storage error (limits wraps them as StorageError)
                 self.backoff.trip("rate limit", exc)
         if allowed is None:

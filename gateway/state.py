@@ -77,7 +77,8 @@ class State:
         handles = {e.name: ExpertHandle.create(experts[e.name], e, metrics) for e in config.experts}
         routing = RoutingService(active, config)
         await routing.start()
-        redis_backoff = Backoff(BACKOFF_S, on_error=lambda: metrics.cache.labels("error").inc())
+        redis_backoff = Backoff(BACKOFF_S, config.cache.timeout_ms / 1000,
+                                on_error=lambda: metrics.cache.labels("error").inc())
         cache = build_cache(config.cache, redis_backoff)
         limiter = None
         if config.auth.rate_limit_per_minute:

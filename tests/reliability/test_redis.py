@@ -394,3 +394,26 @@ def test_the_window_moves_no_double_burst_at_a_minute_boundary(monkeypatch: pyte
     assert asyncio.run(burst()) == 0
     now[0] += 60
     assert asyncio.run(burst()) == 20
+
+
+def test_after_a_backoff_one_call_probes_redis_while_the_others_still_skip_it() -> None:
+    """A stalled Redis delays one request per back-off: when the back-off ends, one call probes (for at most its
+    deadline) and every other call keeps skipping Redis until the probe answers (a success ends the outage)."""
+    from gateway.backoff import Backoff
+
+    now = [0.0]
+    backoff = Backoff(1.0, 0.25, clock=lambda: now[0])
+    assert all(backoff.allow() for _ in range(3))  # healthy: everyone
+    backoff.trip("GET", TimeoutError())
+    assert not backoff.allow()
+    now[0] = 1.0
+    assert [backoff.allow() for _ in range(4)] == [True, False, False, False]  # one probe
+    now[0] = 1.3  # the probe neither answered nor failed within its deadline (cancelled): another may probe
+    assert [backoff.allow() for _ in range(2)] == [True, False]
+    backoff.trip("GET", TimeoutError())  # still stalled
+    now[0] = 2.0
+    assert not backoff.allow()
+    now[0] = 2.31
+    assert backoff.allow()
+    backoff.ok()
+    assert all(backoff.allow() for _ in range(3))
