@@ -428,7 +428,7 @@ def test_secrets_are_never_inlined(set_name: str, tmp_path: Path) -> None:
     cfg = gateway_config(set_name, tmp_path)
     env = secret_env(gateway_container(set_name))
     wanted = {e.api_key_env for e in cfg.experts if e.api_key_env} | (
-        {cfg.auth.api_keys_env} if cfg.auth.api_keys_env else set())
+        {cfg.auth.api_keys_env} if cfg.auth.api_keys_env else set()) | {cfg.cache.secret_env}
     secrets = {s["metadata"]["name"]: s for s in objs(set_name, "Secret")}
     existing = VALUE_SETS[set_name].get("secrets", {}).get("existingSecret")
     for name in wanted:
@@ -444,6 +444,7 @@ def test_secrets_are_never_inlined(set_name: str, tmp_path: Path) -> None:
 
 def test_secret_values_land_in_the_secret() -> None:
     data = {k: base64.b64decode(v).decode() for k, v in one("external", "Secret")["data"].items()}
+    assert len(data.pop("cache-secret")) >= 32, "replicas share one generated cache HMAC key"
     assert data == {"api-keys": SENTINEL + "client-1," + SENTINEL + "client-2",
                     "upstream-code": SENTINEL + "upstream-code"}
     cfg = raw_gateway_config("external")

@@ -273,6 +273,12 @@ Returns YAML {servers: [...]}; each server is the merged vLLM settings plus
       name: {{ include "octoroute.secretName" . }}
       key: api-keys
 {{- end }}
+- name: OCTOROUTE_CACHE_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "octoroute.secretName" . }}
+      key: cache-secret
+      optional: true
 {{- if and .Values.experts.vllm.requireApiKey (ne .Values.experts.mode "external") }}
 - name: VLLM_API_KEY
   valueFrom:
