@@ -33,7 +33,7 @@ from typing import Any
 
 from router_model.conversations import evaluation_conversations
 from router_model.eval import DEFAULT_CHECKPOINT, classification, read_jsonl
-from router_model.train import DEFAULT_DATA, EXTRA_DATA, RECIPE_KEYS, stratified
+from router_model.train import DEFAULT_DATA, EXTRA_DATA, RECIPE_KEYS, family, stratified
 
 REDUCED_FOLDS = (
     ("banking77", "conditionalqa", "spider", "gsm8k", "nq_open"),
@@ -43,10 +43,6 @@ MIN_FAMILY_ROWS = 100
 ROUTER = "functional-token router"
 ABLATIONS: dict[str, dict[str, Any]] = {f"{ROUTER}, no augmentation/mixing": {"augment": False, "mix": 0.0},
              f"{ROUTER}, from scratch": {"from_scratch": True}}
-
-
-def family(row: dict[str, Any]) -> str:
-    return str(row.get("source", "")).split("/")[0]
 
 
 def per_source_folds(rows: Sequence[dict[str, Any]], min_rows: int = MIN_FAMILY_ROWS) -> list[tuple[str, ...]]:
@@ -123,7 +119,35 @@ def summary(rows: Sequence[dict[str, Any]], pred: Sequence[str], labels: Sequenc
     m = classification(gold, pred, labels)
     return {"pooled_macro_f1": m["macro_f1"], "pooled_accuracy": m["accuracy"],
             "mean_source_accuracy": sum(per_source.values()) / len(per_source), "per_source": per_source,
-            "predicted": dict(Counter(pred)), "per_label_f1": {k: v["f1"] for k, v in m["per_label"].items()}}
+            "predicted": dict(Counter(pred)), "per_label_f1": {k: v["f1"] for k, v in m["per_label"].items()},
+            "per_label_recall": {k: v["recall"] for k, v in m["per_label"].items()}}
+
+
+def calibration_report(logits: Sequence[Sequence[float]], gold: Sequence[str], fold_sizes: Sequence[int],
+                       labels: Sequence[str]) -> dict[str, Any]:
+    """The confidence policy fitted on all held-out rows (what ``train.py --calibration`` ships), and its ECE
+    measured honestly: each fold's rows scored with a temperature fitted on the other folds' rows only."""
+    import torch
+
+    from router_model.eval import ece
+    from router_model.train import fit_policy
+
+    x = torch.tensor(logits)
+    policy = fit_policy(x, gold, labels)
+    conf: list[float] = []
+    correct: list[bool] = []
+    start = 0
+    for n in fold_sizes:
+        rest = [i for i in range(len(gold)) if not start <= i < start + n]
+        t = fit_policy(x[rest], [gold[i] for i in rest], labels)["temperature"] if len(fold_sizes) > 1 else 1.0
+        probs = torch.softmax(x[start:start + n] / t, -1)
+        top = probs.max(-1)
+        conf += top.values.tolist()
+        correct += [labels[int(i)] == g for i, g in zip(top.indices, gold[start:start + n], strict=True)]
+        start += n
+    raw = torch.softmax(x, -1).max(-1)
+    raw_correct = [labels[int(i)] == g for i, g in zip(raw.indices, gold, strict=True)]
+    return {**policy, "ece_cross_fitted": ece(conf, correct), "ece_uncalibrated": ece(raw.values.tolist(), raw_correct)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", help="result JSON (default CHECKPOINT/loso.json, which the model card shows)")
     ap.add_argument("--folds", choices=["per-source", "grouped", "reduced"], default="grouped",
                     help="per-source: one fold per family; grouped: every family held out once in --groups folds")
-    ap.add_argument("--groups", type=int, default=5, help="grouped: number of folds")
+    ap.add_argument("--groups", type=int, default=3, help="grouped: number of folds")
     ap.add_argument("--steps", type=int, default=0, help="router steps per fold (0: the recipe's own)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="recipe overrides, e.g. lr=3e-4")
     ap.add_argument("--ablations", action="store_true", help="also without augmentation, and from scratch")
@@ -149,13 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per job")
     ap.add_argument("--deadline", type=float, default=0, help="seconds after which no new fold starts (0: none)")
     ap.add_argument("--resume", action="store_true", help="reuse the folds already in --out, run the rest")
-    ap.add_argument("--no-extra", dest="extra", action="store_false",
-                    help="only the shared routing data: neither train nor hold out router_model/data/*.jsonl")
+    ap.add_argument("--extra", nargs="*", default=[str(p) for p in EXTRA_DATA if p.exists()],
+                    help="more training JSONL, held out by family like the rest (default: router_model/data/*.jsonl; "
+                    "none: only the shared routing data)")
     args = ap.parse_args(argv)
     t0 = time.time()
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else ckpt / "loso.json"
-    extra_files = [str(p) for p in EXTRA_DATA if p.exists()] if args.extra else []
+    extra_files = args.extra
     train = read_jsonl(Path(args.data) / "train.jsonl") + [r for f in extra_files for r in read_jsonl(f)
                                                           if "text" in r]
     dev = read_jsonl(Path(args.data) / "dev.jsonl")
@@ -269,6 +294,12 @@ def _write(out: Path, args: argparse.Namespace, base: dict[str, Any], variants: 
     how = {"per-source": "one source family per fold", "reduced": f"{len(folds[0])} source families at once per fold",
            "grouped": "every family held out once, several families per fold"}[args.folds]
     convs = [c for k in done for c in conversations[k]]
+    # Logits are comparable across folds only when every fold's router learnt every label (grouped folds keep
+    # every label in training; a per-source fold of a toy corpus may not).
+    router_done = all((ROUTER, k) in routed and all(len(x) == len(labels) for x in routed[(ROUTER, k)]["logits"])
+                      for k in done)
+    gold = [r["label"] for r in held] if router_done else []
+    logits = [x for k in done for x in routed[(ROUTER, k)]["logits"]] if router_done else []
     conv_acc: dict[str, dict[str, float]] = {}
     for m in models:
         if not all((m, k) in routed for k in done) or not convs:
@@ -277,9 +308,9 @@ def _write(out: Path, args: argparse.Namespace, base: dict[str, Any], variants: 
         conv_acc[m] = {kind: sum(p == c["label"] for p, c in zip(got, convs, strict=True) if c["kind"] == kind)
                        / max(1, sum(c["kind"] == kind for c in convs)) for kind in ("follow_up", "switch")}
     result = {
-        "note": f"{args.folds} LOSO: {len(done)} of {len(folds)} folds, {how} (all its train+dev rows held out, up "
-                f"to {args.per_source} sampled per family, also removed from the early-stopping dev rows). The router "
-                "is retrained per fold with the recipe below; "
+        "note": f"{args.folds.capitalize()} LOSO: {len(done)} of {len(folds)} folds, {how} (all its train+dev rows "
+                f"held out, up to {args.per_source} sampled per family, also removed from the early-stopping dev "
+                "rows). The router is retrained per fold with the recipe below; "
                 + ("baselines are refit per fold on the same rows." if args.baselines else
                    "no baselines in this run (--no-baselines).")
                 + " Conversations: held-out rows as the earlier turn followed by a generic follow-up (phrasings not "
@@ -290,8 +321,9 @@ def _write(out: Path, args: argparse.Namespace, base: dict[str, Any], variants: 
         "sources": [s for k in done for s in folds[k]], "n": len(held),
         "models": {m: summary(held, [p for k in done for p in preds[(m, k)]], labels) for m in models} if held else {},
         "conversations": conv_acc, "n_conversations": len(convs),
-        "heldout_gold": [r["label"] for r in held] if all((ROUTER, k) in routed for k in done) else [],
-        "heldout_logits": [x for k in done if (ROUTER, k) in routed for x in routed[(ROUTER, k)]["logits"]],
+        "heldout_gold": gold,
+        "heldout_logits": logits,
+        "calibration": calibration_report(logits, gold, [len(tests[k]) for k in done], labels) if logits else {},
         # what --resume reuses: every fold's predictions (space-separated labels, test order)
         "predictions": {m: {str(k): " ".join(preds[(m, k)]) for k in range(len(folds)) if (m, k) in preds}
                         for m in models},

@@ -101,10 +101,49 @@ def test_routes_hand_written_queries_from_no_dataset(router: FunctionalTokenRout
     for r in res:
         assert sum(r.probs.values()) == pytest.approx(1.0, abs=1e-5)
         assert select_experts(r.probs, router.tau, router.mass)
-    # The latest user turn decides, even after an unrelated earlier exchange.
-    conv = [Message("user", "Write a SQL query that counts orders per customer."), Message("assistant", "SELECT …"),
-            Message("user", "Thanks. Separately, what is the integral of 1/x?")]
-    assert router.route(conv).top[0] == "math"
+
+
+FOLLOW_UPS = ["Can you explain that in more detail?", "why is that?", "ok, walk me through it step by step",
+              "Thanks! What should I do next?"]
+EARLIER = {  # a question, and an answer in the words an assistant would use
+    "math": ("What is the derivative of x^3 + 2x?", "Using the power rule, the derivative is 3x^2 + 2."),
+    "code": ("How do I remove duplicates from a list in Python?", "Convert it to a set, or use dict.fromkeys(lst)."),
+    "legal": ("Can my landlord keep my deposit if I leave early?",
+              "It depends on your lease and your state's tenancy laws on deposits and early termination."),
+    "finance": ("Should I put my savings in a Roth IRA or a 401k?",
+                "A 401k with an employer match usually comes first; a Roth IRA grows tax-free."),
+    "general": ("Who wrote Pride and Prejudice?", "Jane Austen, in 1813."),
+}
+SWITCHES = {label: q for label, (q, _) in EARLIER.items()}
+
+
+def test_follow_ups_inherit_the_conversation_and_new_questions_switch(router: FunctionalTokenRouter) -> None:
+    """The two conversation cases (issue 15): a generic follow-up goes to the conversation's expert, even after
+    a system prompt and with the domain question two exchanges back; a self-contained question about another
+    domain goes to that domain."""
+    wrong = []
+    for label, (question, answer) in EARLIER.items():
+        for follow in FOLLOW_UPS:
+            conv = [Message("system", "You are a helpful assistant."), Message("user", question),
+                    Message("assistant", answer), Message("user", follow)]
+            if router.route(conv).top[0] != label:
+                wrong.append(("follow-up", label, follow))
+        deep = [Message("user", question), Message("assistant", answer), Message("user", "hmm, are you sure?"),
+                Message("assistant", "Yes."), Message("user", "ok, then explain it simply")]
+        if router.route(deep).top[0] != label:
+            wrong.append(("two exchanges back", label, ""))
+        for other, new_question in SWITCHES.items():
+            if other == label:
+                continue
+            conv = [Message("user", question), Message("assistant", answer),
+                    Message("user", f"Thanks. Different topic: {new_question}")]
+            if router.route(conv).top[0] != other:
+                wrong.append(("switch", label, other))
+    # 25 follow-ups and 20 switches: at most 10 % wrong
+    assert len(wrong) <= 4, wrong
+    # With no conversation, a generic follow-up is not pulled to any domain expert with confidence.
+    alone = router.route([Message("user", "Can you explain that in more detail?")])
+    assert alone.top[0] == "general" or alone.top[1] < router.tau
 
 
 def test_eval_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,3 +152,21 @@ def test_eval_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert eval_main(["--data", str(sample), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"accuracy", "macro_f1", "ece", "p50_ms", "p99_ms", "n"} and out["n"] == 15
+
+
+def test_eval_cli_scores_both_conversation_cases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sample = tmp_path / "few.jsonl"
+    rows = read_jsonl(DEV)[::150]
+    sample.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert eval_main(["--data", str(sample), "--conversations", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 2 * len(rows) and set(out["per_kind"]) == {"follow_up", "switch"}
+    # A conversation file is read as it is, kinds included.
+    convs = tmp_path / "convs.jsonl"
+    convs.write_text(json.dumps({"messages": [{"role": "user", "content": "Integrate x^2 from 0 to 3."},
+                                              {"role": "assistant", "content": "It is 9."},
+                                              {"role": "user", "content": "Show me how you got that."}],
+                                 "label": "math", "kind": "follow_up"}) + "\n")
+    assert eval_main(["--data", str(convs), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 1 and set(out["per_kind"]) == {"follow_up"} and "p50_ms" not in out

@@ -7,6 +7,7 @@ built here) so the file runs in well under a minute on 2 cores.
 from __future__ import annotations
 
 import json
+import random
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,9 @@ ROWS = [
 ]
 
 
-TINY = ["--layers", "1", "--freeze-blocks", "0", "--max-steps", "60", "--eval-every", "60", "--batch-size", "10",
-        "--lr", "2e-3", "--no-augment", "--mix", "0", "--latency-n", "3", "--threads", "1", "--quiet",
-        "--precision", "fp32"]
+TINY = ["--extra", "--layers", "1", "--freeze-blocks", "0", "--max-steps", "60", "--eval-every", "60",
+        "--batch-size", "10", "--lr", "2e-3", "--no-augment", "--mix", "0", "--latency-n", "3", "--threads", "1",
+        "--quiet", "--precision", "fp32"]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
@@ -78,19 +79,49 @@ def test_context_has_its_own_budget_and_single_turn_prompts_do_not_change() -> N
     assert codec.prompts(["ab"], [""])[0] == [1, ord("a"), ord("b"), 2]  # no context: no separator
 
 
+def test_training_conversations_teach_both_cases() -> None:
+    """Follow-ups keep the earlier query's label (it is the row's own), switches put the row last after another
+    label's exchange; plain rows stay single-turn. Counts over many draws match the configured shares."""
+    from router_model.conversations import EVAL_FOLLOW_UPS, TRAIN_FOLLOW_UPS, by_label
+    from router_model.train import training_conversation
+
+    groups = by_label(ROWS)
+    others = {lab: [r for r in ROWS if r["label"] != lab] for lab in groups}
+    rng = random.Random(0)
+    kinds = {"single": 0, "follow_up": 0, "switch_other": 0, "switch_same": 0}
+    for _ in range(2000):
+        row = rng.choice(ROWS)
+        msgs = [m for m in training_conversation(row, groups, others, rng, mix=0.3, follow=0.2) if m.role != "system"]
+        users = [m.content for m in msgs if m.role == "user"]
+        if len(msgs) == 1:
+            kinds["single"] += 1
+        elif users[-1] in TRAIN_FOLLOW_UPS:
+            assert users[0] == row["text"] and all(u in TRAIN_FOLLOW_UPS for u in users[1:])
+            assert not set(users) & set(EVAL_FOLLOW_UPS)
+            kinds["follow_up"] += 1
+        else:
+            assert users[-1] == row["text"]
+            earlier = next(r for r in ROWS if r["text"] == users[0])
+            kinds["switch_same" if earlier["label"] == row["label"] else "switch_other"] += 1
+    assert 0.17 < kinds["follow_up"] / 2000 < 0.23 and 0.27 < kinds["switch_other"] / 2000 < 0.33
+    assert 0.03 < kinds["switch_same"] / 2000 < 0.07 and kinds["single"] > 800
+
+
 def test_select_experts_and_threshold_calibration() -> None:
     probs = [{"a": 0.95, "b": 0.05}, {"a": 0.55, "b": 0.45}, {"a": 0.9, "b": 0.1}]
     tau, mass = calibrate_thresholds(probs, ["a", "b", "a"])
     assert tau == 0.56  # the 0.55 decision is wrong, so single-expert routing starts above it
     assert select_experts(probs[1], tau, mass) == ["a", "b"]
     assert select_experts(probs[0], tau, mass) == ["a"]
+    # The targets are what the policy is fitted to: a looser single-expert precision lowers tau.
+    assert calibrate_thresholds(probs, ["a", "b", "a"], precision=0.6)[0] == 0.5
 
 
 def test_mass_is_calibrated_on_the_rows_the_set_rule_decides() -> None:
     """A confidently wrong row cannot be fixed by a bigger set; it must not push mass to the fallback."""
     probs = [{"a": 0.99, "b": 0.01, "c": 0.0}] * 197 + [{"a": 0.6, "b": 0.3, "c": 0.1},
                                                         {"a": 0.995, "b": 0.005, "c": 0.0}]
-    tau, mass = calibrate_thresholds(probs, ["a"] * 197 + ["b", "b"])
+    tau, mass = calibrate_thresholds(probs, ["a"] * 197 + ["b", "b"], precision=0.99, coverage=0.995)
     assert tau == 0.61
     assert mass == 0.61  # {a, b} holds the unsure row's gold; 0.999 would also take c
     assert select_experts(probs[197], tau, mass) == ["a", "b"]
@@ -217,7 +248,7 @@ def test_hf_base_path_learns_labels_from_data_including_a_sixth_expert(tmp_path:
     base = tmp_path / "base"
     _tiny_hf_model(base, [r["text"] for r in rows] * 3)
     out = tmp_path / "ckpt"
-    train_main(["--base", str(base), "--train", str(data), "--dev", str(data), "--out", str(out),
+    train_main(["--base", str(base), "--train", str(data), "--dev", str(data), "--extra", "--out", str(out),
                 "--max-steps", "80", "--eval-every", "40", "--patience", "5", "--batch-size", "12", "--lr", "3e-3",
                 "--no-augment", "--mix", "0", "--latency-n", "3", "--threads", "1", "--quiet"])
     cfg = json.loads((out / "config.json").read_text())
@@ -233,8 +264,8 @@ def test_hf_base_path_learns_labels_from_data_including_a_sixth_expert(tmp_path:
 def test_route_batch_is_thread_safe(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     out = tmp_path / "ckpt"
-    train_main(["--train", str(data), "--dev", str(data), "--out", str(out), "--layers", "1", "--max-steps", "2",
-                "--latency-n", "0", "--threads", "1", "--quiet"])
+    train_main(["--train", str(data), "--dev", str(data), "--out", str(out), "--extra", "--layers", "1",
+                "--max-steps", "2", "--latency-n", "0", "--threads", "1", "--quiet"])
     router = FunctionalTokenRouter.load(out, threads=1)
     convs = [[Message("user", "earlier question"), Message("assistant", "ok"), Message("user", r["text"])]
              for r in ROWS]
@@ -273,9 +304,9 @@ def test_loso_holds_out_whole_sources_and_reports_only_finished_folds(tmp_path: 
     from router_model.loso import main as loso_main
 
     data = _two_family_corpus(tmp_path)
-    args = ["--data", str(data), "--checkpoint", str(tmp_path / "none"), "--folds", "per-source", "--min-rows", "5",
-            "--per-source", "4", "--embed-train", "0", "--threads", "1", "--set", "layers=1", "max_steps=2",
-            "es_dev=10", "latency_n=0"]
+    args = ["--data", str(data), "--extra", "--checkpoint", str(tmp_path / "none"), "--folds", "per-source",
+            "--min-rows", "5", "--per-source", "4", "--embed-train", "0", "--threads", "1", "--set", "layers=1",
+            "max_steps=2", "es_dev=10", "latency_n=0"]
     out = tmp_path / "loso.json"
     assert loso_main([*args, "--out", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -293,14 +324,30 @@ def test_loso_holds_out_whole_sources_and_reports_only_finished_folds(tmp_path: 
     assert res["folds"] == [] and res["models"] == {} and res["note"].startswith("Per-source LOSO: 0 of 2 folds")
 
 
+def test_grouped_folds_hold_every_family_out_once_and_keep_every_label_in_training() -> None:
+    from router_model.loso import grouped_folds
+
+    sizes = {"big": {"legal": 50, "general": 50}, "law": {"legal": 40}, "tax": {"finance": 30, "legal": 5},
+             "bank": {"finance": 30}, "qa": {"general": 20}, "tiny": {"math": 3}}
+    rows = [{"label": lab, "source": f"{fam}/x"} for fam, per in sizes.items() for lab, n in per.items()
+            for _ in range(n)]
+    folds = grouped_folds(rows, 3, min_rows=10)
+    held = [fam for fold in folds for fam in fold]
+    assert sorted(held) == sorted(set(held)) == ["bank", "big", "law", "qa", "tax"]  # once each; tiny is too small
+    assert len(folds) == 3
+    for fold in folds:  # no fold takes away all of a label's rows
+        assert {"legal", "general", "finance"} <= {r["label"] for r in rows if r["source"].split("/")[0] not in fold}
+    assert not {"big", "law"} <= set(next(f for f in folds if "big" in f))  # the two legal families split
+
+
 def test_loso_resume_reuses_finished_folds_and_runs_only_the_rest(tmp_path: Path) -> None:
     from router_model.loso import main as loso_main
 
     data = _two_family_corpus(tmp_path)
     out = tmp_path / "loso.json"
-    args = ["--data", str(data), "--checkpoint", str(tmp_path / "none"), "--folds", "per-source", "--min-rows", "5",
-            "--per-source", "4", "--no-baselines", "--threads", "1", "--set", "layers=1", "max_steps=2",
-            "latency_n=0", "--out", str(out)]
+    args = ["--data", str(data), "--extra", "--checkpoint", str(tmp_path / "none"), "--folds", "per-source",
+            "--min-rows", "5", "--per-source", "4", "--no-baselines", "--threads", "1", "--set", "layers=1",
+            "max_steps=2", "latency_n=0", "--out", str(out)]
     # An interrupted run: fold 0 finished (its predictions planted, so reuse is visible), fold 1 never ran.
     assert loso_main([*args, "--deadline", "1e-9"]) == 0
     planted = json.loads(out.read_text())
