@@ -72,13 +72,8 @@ class RequestIdMiddleware:
 async def _log_readiness(state: State) -> None:
     """Say at start-up what /ready will say: ready, or which experts are down and why."""
     names = list(state.experts)
-    checks = await asyncio.gather(*(state.experts[n].expert.healthy() for n in names))
-    down = {}
-    for name, ok in zip(names, checks, strict=True):
-        if not ok:
-            cfg = state.experts[name].config
-            down[name] = (f"no answer from {cfg.base_url}/models within {cfg.timeouts.connect_s:g} s"
-                          if cfg.backend == "vllm" else "not running")
+    problems = await asyncio.gather(*(state.experts[n].expert.health_problem() for n in names))
+    down = {name: problem for name, problem in zip(names, problems, strict=True) if problem is not None}
     info = {"experts": names, "router": state.router_kind, "cache": state.config.cache.backend}
     why = "; ".join(f"{n}: {reason}" for n, reason in down.items())
     if not down:

@@ -126,6 +126,8 @@ def test_start_up_log_says_which_experts_are_down_and_why(tmp_path: Path) -> Non
     path = tmp_path / "down.yaml"
     path.write_text(yaml.safe_dump({"router": {"kind": "keyword"}, "default_expert": "general", "experts": [
         {"name": "general", "backend": "vllm", "base_url": "http://127.0.0.1:9/v1",
+         "timeouts": {"connect_s": 0.5}},
+        {"name": "code", "backend": "vllm", "base_url": "http://no-such-host.invalid:8000/v1",
          "timeouts": {"connect_s": 0.5}}]}))
     proc = _serve(["--config", str(path)], port)
     try:
@@ -134,7 +136,9 @@ def test_start_up_log_says_which_experts_are_down_and_why(tmp_path: Path) -> Non
     finally:
         log = _stop(proc)
     assert "gateway ready" not in log
-    assert "NOT ready" in log and "general: no answer from http://127.0.0.1:9/v1/models" in log
+    # The real cause, per expert (issue 17 #12, #13): nothing listens on port 9; the .invalid host never resolves.
+    assert "NOT ready" in log and "general: cannot reach expert general: connection refused by 127.0.0.1:9" in log
+    assert "code: cannot reach expert code: the host name in no-such-host.invalid:8000 does not resolve" in log
     assert f"listening on http://127.0.0.1:{port}" in log
 
 

@@ -68,5 +68,9 @@ class Expert(ABC):
     async def healthy(self) -> bool:
         """Cheap reachability check for /ready and half-open probes."""
 
+    async def health_problem(self) -> str | None:
+        """Why this expert cannot serve now (None when it can): what the start-up log says."""
+        return None if await self.healthy() else "not responding"
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections / threads."""

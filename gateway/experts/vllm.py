@@ -222,11 +222,18 @@ class VllmExpert(Expert):
             await response.aclose()
 
     async def healthy(self) -> bool:
+        return await self.health_problem() is None
+
+    async def health_problem(self) -> str | None:
+        """``GET /models`` within ``timeouts.connect_s``; a failure names its cause (DNS, refused, timeout)."""
+        connect_s = self.config.timeouts.connect_s
         try:
-            response = await self.client.get("/models", timeout=self.config.timeouts.connect_s)
-        except httpx.HTTPError:
-            return False
-        return response.status_code < 500
+            response = await self.client.get("/models", timeout=connect_s)
+        except httpx.HTTPError as exc:
+            return str(connect_failure(self.name, self.config.base_url or "", exc, connect_s))
+        if response.status_code >= 500:
+            return f"{self.config.base_url}/models answered {response.status_code}"
+        return None
 
     async def aclose(self) -> None:
         await self.client.aclose()
