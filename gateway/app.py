@@ -12,7 +12,6 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.config import GatewayConfig
@@ -28,8 +27,8 @@ from gateway.endpoints.route import api_router as route_api
 from gateway.endpoints.route.protocol import RouteRequest
 from gateway.errors import OpenAIError
 from gateway.experts import Expert
-from gateway.middleware import ErrorBoundary, HttpConventions, OpsGuard
-from gateway.serving import error_response, new_request_id
+from gateway.middleware import ErrorBoundary, HttpConventions, OpsGuard, RequestIdMiddleware
+from gateway.serving import error_response
 from gateway.state import State
 from router_model import Router
 
@@ -41,32 +40,6 @@ EXPOSED_HEADERS = ["x-request-id", "x-octoroute-expert", "x-octoroute-confidence
 BODY_MODELS = (ChatCompletionRequest, CompletionRequest, RouteRequest, ResponsesRequest)
 ENDPOINT_LABELS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/route": "route",
                    "/v1/models": "models", "/v1/responses": "responses"}
-
-
-class RequestIdMiddleware:
-    """Gives every HTTP request an id (the client's ``x-request-id`` if sane) and echoes it back.
-
-    Plain ASGI rather than BaseHTTPMiddleware: no extra task per request, streaming untouched."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
-        request_id = new_request_id(incoming)
-        scope.setdefault("state", {})["request_id"] = request_id
-        raw_id = request_id.encode()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
-                message["headers"] = [*headers, (b"x-request-id", raw_id)]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 async def _log_readiness(state: State) -> None:
