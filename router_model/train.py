@@ -87,7 +87,7 @@ def family(row: dict[str, Any]) -> str:
 # What defines a recipe (train.py flags), as LOSO retrains it per fold.
 RECIPE_KEYS = ("layers", "max_len", "context_len", "max_turns", "follow", "batch_size", "lr", "freeze_blocks",
                "freeze_embeddings", "augment", "mix", "dropout", "weight_decay", "seed", "max_steps", "from_scratch",
-               "kd_alpha", "patience", "extra")
+               "kd_alpha", "patience", "extra", "family_balance")
 OPTIONS = re.compile(r"\n\s*(?:A\.|\(A\)|A\)).*", re.DOTALL)
 
 
@@ -172,6 +172,13 @@ def batches(lengths: Sequence[int], size: int, rng: random.Random) -> list[list[
         out += [pool[i : i + size] for i in range(0, len(pool), size)]
     rng.shuffle(out)
     return out
+
+
+def family_weights(rows: Sequence[dict[str, Any]], alpha: float) -> list[float]:
+    """Per-row sampling weight ``n_family ** (alpha - 1)``: 1 keeps the data as it is, 0 draws every source
+    family equally often. A few big sources (GSM8K, TAT-QA, MMLU) otherwise teach their format as the label."""
+    sizes = Counter(family(r) for r in rows)
+    return [sizes[family(r)] ** (alpha - 1) for r in rows]
 
 
 def training_conversation(row: dict[str, Any], groups: dict[str, list[dict[str, Any]]],
@@ -360,8 +367,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         train_rows = random.Random(args.seed).sample(train_rows, min(args.limit, len(train_rows)))
     labels = sorted({r["label"] for r in train_rows})
     label_idx = {lab: i for i, lab in enumerate(labels)}
+    sample_w = family_weights(train_rows, args.family_balance)
+    mass: dict[str, float] = dict.fromkeys(labels, 0.0)
+    for r, sw in zip(train_rows, sample_w, strict=True):
+        mass[r["label"]] += sw
     counts = Counter(r["label"] for r in train_rows)
-    class_w = {lab: len(train_rows) / (len(labels) * counts[lab]) for lab in labels}
+    class_w = {lab: sum(mass.values()) / (len(labels) * mass[lab]) for lab in labels}
 
     lm, tok, fields = build_lm(args, labels)
     device = torch.device(args.device)
@@ -405,11 +416,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     lm.train()
     keep_last = args.patience == 0  # no early stopping: the last weights are kept, dev only calibrates
     while step < total and (keep_last or bad < args.patience):
-        examples = make_examples(train_rows, codec, label_idx, rng if args.augment else None, args.mix,
+        epoch = train_rows if args.family_balance == 1 else rng.choices(train_rows, sample_w, k=len(train_rows))
+        examples = make_examples(epoch, codec, label_idx, rng if args.augment else None, args.mix,
                                  args.follow, args.max_turns)
         for b in batches([len(s) for s, _ in examples], args.batch_size, rng):
             batch = [examples[i] for i in b]
-            w = torch.tensor([class_w[train_rows[i]["label"]] for i in b])
+            w = torch.tensor([class_w[epoch[i]["label"]] for i in b])
             loss = step_loss(lm, codec, batch, w, device, teacher, args.kd_alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -552,6 +564,8 @@ def parser() -> argparse.ArgumentParser:
                          "step and keep the last weights; dev then only calibrates)")
     ap.add_argument("--eval-every", type=int, default=250, help="steps between dev checks (0: half an epoch)")
     ap.add_argument("--mix", type=float, default=0.3, help="share of rows given an unrelated earlier turn")
+    ap.add_argument("--family-balance", type=float, default=1.0,
+                    help="rows drawn with weight family_size ** (x - 1): 1 = as the data is, 0 = every family alike")
     ap.add_argument("--no-augment", dest="augment", action="store_false")
     ap.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True,
                     help="keep MiniLM's word vectors (and the lowest --freeze-blocks blocks) fixed, so words the "

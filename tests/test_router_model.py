@@ -107,6 +107,17 @@ def test_training_conversations_teach_both_cases() -> None:
     assert 0.03 < kinds["switch_same"] / 2000 < 0.07 and kinds["single"] > 800
 
 
+def test_family_balance_weights_draw_families_as_asked() -> None:
+    from router_model.train import family_weights
+
+    rows = [{"source": "big/x"}] * 90 + [{"source": "small/y"}] * 10
+    for alpha, big_share in [(1.0, 0.9), (0.5, 0.75), (0.0, 0.5)]:
+        w = family_weights(rows, alpha)
+        assert sum(w[:90]) / sum(w) == pytest.approx(big_share)
+    # sgd_dialogue conversations count as the sgd family they come from
+    assert family_weights([{"source": "sgd/a"}, {"source": "sgd_dialogue/b"}], 0.0) == [0.5, 0.5]
+
+
 def test_select_experts_and_threshold_calibration() -> None:
     probs = [{"a": 0.95, "b": 0.05}, {"a": 0.55, "b": 0.45}, {"a": 0.9, "b": 0.1}]
     tau, mass = calibrate_thresholds(probs, ["a", "b", "a"])
