@@ -93,7 +93,6 @@ def train_and_predict(ns: dict[str, Any], texts: list[str],
     """One router fold, in a worker process: train with ``ns`` into a temporary folder, then route ``texts``
     (top labels and uncalibrated logits) and ``conversations`` (top labels)."""
     from router_model.conversations import as_messages
-    from router_model.interface import Message
     from router_model.router import FunctionalTokenRouter
     from router_model.train import train
 
@@ -104,8 +103,8 @@ def train_and_predict(ns: dict[str, Any], texts: list[str],
             ns = {**ns, "teacher": teacher}
         train(argparse.Namespace(**{**ns, "out": f"{tmp}/router"}))
         router = FunctionalTokenRouter.load(f"{tmp}/router", threads=ns["threads"])
-        routed = router.route_batch([[Message("user", t)] for t in texts])
-        return {"labels": [r.top[0] for r in routed], "logits": router.logits(texts).tolist(),
+        logits = router.logits(texts)  # the top label is the arg-max whatever the temperature
+        return {"labels": [router.labels[i] for i in logits.argmax(-1).tolist()], "logits": logits.tolist(),
                 "conversations": [r.top[0] for r in router.route_batch([as_messages(c) for c in conversations])]}
 
 

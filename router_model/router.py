@@ -68,8 +68,7 @@ def split_conversation(messages: Sequence[Message], max_turns: int | None = None
     last = max((i for i, m in enumerate(turns) if m.role == "user"), default=len(turns) - 1)
     if last < 0:
         return "", ""
-    start = 0 if max_turns is None else max(0, last - max_turns)
-    earlier = turns[start:last] if max_turns is None or max_turns > 0 else []
+    earlier = turns[0 if max_turns is None else max(0, last - max_turns) : last]
     system = [Message("system", m.content) for m in messages if m.role in ("system", "developer") and m.content.strip()]
     lines = [f"{m.role}: {_window(' '.join(m.content.split()), TURN_HEAD_CHARS[m.role], False, slack=40)}"
              for m in [*system, *earlier]]
